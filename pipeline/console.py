@@ -1,0 +1,67 @@
+"""What a person watching the terminal sees: a progress bar, and the notebook's print line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline.loop import StepLog, Tracker
+
+
+class ConsoleReporter:
+    """A progress bar on stderr with the latest loss and accuracy.
+
+    With `print_every` > 0 it also prints the seed notebook's line,
+    `Epoch e, step i: loss=..., acc=...`, for every epoch step i divisible by it.
+    """
+
+    def __init__(self, total_steps: int, print_every: int = 0) -> None:
+        self.print_every = print_every
+        # Off a terminal (CI, `mlflow run` logs) a bar only repeats itself: show epochs only.
+        self._show_bar = sys.stderr.isatty()
+        self._bar = click.progressbar(
+            length=total_steps, label="training", file=sys.stderr, show_pos=True, width=24
+        )
+        if self._show_bar:
+            self._bar.__enter__()
+        self._done = 0
+        self._latest = ""
+
+    def log_steps(self, rows: list[StepLog]) -> None:
+        for r in rows:
+            if self.print_every and r.epoch_step % self.print_every == 0:
+                click.echo(
+                    f"Epoch {r.epoch}, step {r.epoch_step}: loss={r.loss:.4f}, acc={r.accuracy:.4f}"
+                )
+        last = rows[-1]
+        if not self._show_bar:
+            return
+        self._bar.label = f"epoch {last.epoch} loss={last.loss:.4f} acc={last.accuracy:.3f}"
+        self._bar.update(last.step - self._done)
+        self._done = last.step
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        if self._show_bar:
+            self._bar.render_finish()
+        click.echo(f"epoch {step}: {text}", err=True)
+
+    def close(self) -> None:
+        if self._show_bar:
+            self._bar.__exit__(None, None, None)
+
+
+class Fanout:
+    """One tracker that forwards to several."""
+
+    def __init__(self, trackers: list[Tracker]) -> None:
+        self.trackers = trackers
+
+    def log_steps(self, rows: list[StepLog]) -> None:
+        for t in self.trackers:
+            t.log_steps(rows)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for t in self.trackers:
+            t.log_metrics(metrics, step)

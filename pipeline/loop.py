@@ -1,0 +1,153 @@
+"""The training loop: plain PyTorch over in-memory tensors, reporting to a tracker.
+
+The loop knows nothing about MLflow. It hands logged steps to a `Tracker` in batches, so on
+a GPU the host waits for the device only once per `SYNC_EVERY` steps, not on every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import nn
+
+from pipeline.losses import LossFn
+
+SYNC_EVERY = 50  # logged steps kept on the device before one host transfer
+
+
+class StepLog(NamedTuple):
+    epoch: int
+    epoch_step: int  # 0-based index of the batch within its epoch, as the notebook counts
+    step: int  # global step, 1-based: the x axis of every train/* curve
+    time: float
+    loss: float
+    accuracy: float
+    lr: float
+
+
+class Tracker(Protocol):
+    def log_steps(self, rows: list[StepLog]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs: weights, optimizer moments, counters and RNG."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # shuffling order; model init uses the global RNG
+    epoch: int = 0
+    step: int = 0
+    forward: nn.Module | None = field(default=None, repr=False)  # compiled model, if any
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    confusion: list[list[int]]  # confusion[true][predicted]
+
+    def per_class_accuracy(self) -> list[float]:
+        return [row[i] / max(sum(row), 1) for i, row in enumerate(self.confusion)]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_epoch(
+    state: TrainState,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    tracker: Tracker,
+    batch_size: int = 128,
+    log_every: int = 1,
+    amp: bool = False,
+) -> None:
+    """One pass over (x, y) in a fresh shuffled order, batches sliced from device tensors."""
+    model, optimizer = state.model, state.optimizer
+    forward = state.forward or model
+    model.train()
+    state.epoch += 1
+    order = torch.randperm(len(x), generator=state.generator).to(x.device)
+    pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, int]] = []
+    for i, start in enumerate(range(0, len(x), batch_size)):
+        idx = order[start : start + batch_size]
+        xb, yb = x[idx], y[idx]
+        with _autocast(x.device, amp):
+            logits = forward(xb)
+            loss = loss_fn(logits.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state.step += 1
+        if state.step % log_every == 0:
+            # Still device tensors: reading them now would stall the GPU pipeline.
+            correct = (logits.argmax(1) == yb).sum()
+            pending.append((i, state.step, time.time(), loss.detach(), correct, len(yb)))
+            if len(pending) >= SYNC_EVERY:
+                _report(state, pending, tracker)
+    _report(state, pending, tracker)
+
+
+def _report(state: TrainState, pending: list, tracker: Tracker) -> None:
+    """Move the pending losses to the host in one transfer and hand them to the tracker."""
+    if not pending:
+        return
+    losses = torch.stack([p[3] for p in pending]).tolist()
+    correct = torch.stack([p[4] for p in pending]).tolist()
+    lr = state.optimizer.param_groups[0]["lr"]
+    tracker.log_steps(
+        [
+            StepLog(state.epoch, i, step, t, loss, c / n, lr)
+            for (i, step, t, _, _, n), loss, c in zip(pending, losses, correct, strict=True)
+        ]
+    )
+    pending.clear()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    num_classes: int,
+    batch_size: int = 1000,
+) -> Evaluation:
+    """Mean loss, accuracy and confusion matrix over (x, y); fixed batches keep it repeatable."""
+    model.eval()
+    total_loss = torch.zeros((), device=x.device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=x.device)
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        logits = model(xb).float()
+        total_loss += loss_fn(logits, yb) * len(yb)
+        confusion += torch.bincount(yb * num_classes + logits.argmax(1), minlength=num_classes**2)
+    matrix = confusion.view(num_classes, num_classes).tolist()
+    correct = sum(matrix[i][i] for i in range(num_classes))
+    return Evaluation(total_loss.item() / len(x), correct / len(x), matrix)

@@ -1,0 +1,189 @@
+"""The pipeline's steps as Python functions: data_prep, train, and main chaining the two.
+
+Each validates its input before a run exists, so bad input never leaves a run behind.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pipeline import tracking
+from pipeline.config import LOSSES, MODELS, PrepConfig, TrainConfig
+from pipeline.console import ConsoleReporter, Fanout
+from pipeline.data import (
+    class_counts,
+    file_digest,
+    load_prepared,
+    prepare,
+    prepared_path,
+    save_prepared,
+    to_model_input,
+)
+from pipeline.device import device_name, resolve_device
+from pipeline.errors import PipelineError
+from pipeline.loop import TrainState, evaluate, train_epoch
+from pipeline.losses import build_loss
+from pipeline.models import build_model, count_parameters
+from pipeline.optimizers import build_optimizer, resolve_hparams
+
+
+@dataclass(frozen=True)
+class PrepResult:
+    run_id: str
+    path: Path
+    digest: str
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    test_loss: float
+    test_accuracy: float
+    model_uri: str
+
+
+def run_prep(cfg: PrepConfig, *, nested: bool = False, experiment_id: str | None = None):
+    """Prepare the data set into one file and record it as a data_prep run."""
+    data = prepare(cfg)
+    path = prepared_path(cfg).resolve()
+    digest = save_prepared(data, path)
+    sizes = {name: len(split.labels) for name, split in data.splits.items()}
+    with tracking.start_run(
+        "data_prep", f"data_prep-{cfg.dataset}", nested=nested, experiment_id=experiment_id
+    ) as run:
+        tracking.log_params(
+            {**cfg.params(), "data_path": path, "data_digest": digest}
+            | {f"{s}_size": n for s, n in sizes.items()}
+        )
+        tracking.log_prepared_data(path, digest, sizes, data.source, class_counts(data))
+    print(f"data_prep: {path} sha256={digest[:12]} sizes={sizes} run_id={run.run_id}")
+    return PrepResult(run.run_id, path, digest)
+
+
+def validate_train(cfg: TrainConfig) -> tuple[float, float | None]:
+    """Check every choice and range of `cfg`; returns the resolved (lr, momentum)."""
+    if cfg.model not in MODELS:
+        raise PipelineError(f"unknown model {cfg.model!r}; valid choices: {', '.join(MODELS)}")
+    if cfg.loss not in LOSSES:
+        raise PipelineError(f"unknown loss {cfg.loss!r}; valid choices: {', '.join(LOSSES)}")
+    for name in ("epochs", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise PipelineError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    build_loss(cfg.loss, cfg.label_smoothing)
+    resolve_device(cfg.device)
+    return resolve_hparams(cfg.optimizer, cfg.lr, cfg.momentum)
+
+
+def resolve_data(ref: str) -> tuple[Path, str]:
+    """(path, sha256) for `ref`: a prepared file, or the id of a data_prep run."""
+    if not ref:
+        raise PipelineError("no data given; pass --data FILE or --data DATA_PREP_RUN_ID")
+    path = Path(ref)
+    if path.is_file():
+        return path.resolve(), file_digest(path)
+    if path.suffix or "/" in ref:
+        raise PipelineError(f"data file {ref!r} does not exist; run `pipeline prep` first")
+    return tracking.prepared_file_of(ref)
+
+
+def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | None = None):
+    """Train, evaluate and log one model; returns its run id and test metrics."""
+    t0 = time.perf_counter()
+    lr, momentum = validate_train(cfg)
+    device = resolve_device(cfg.device)
+    path, digest = resolve_data(cfg.data)
+    data = load_prepared(path)
+    # Whole splits go to the device once; batches are then slices, never host copies.
+    x = {s: to_model_input(split.images, device) for s, split in data.splits.items()}
+    y = {s: split.labels.to(device) for s, split in data.splits.items()}
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.num_classes).to(device)
+    optimizer = build_optimizer(
+        cfg.optimizer, list(model.parameters()), lr, momentum, cfg.weight_decay, device
+    )
+    state = TrainState(model, optimizer, torch.Generator().manual_seed(cfg.seed))
+    if cfg.compile:
+        state.forward = torch.compile(model)
+    loss_fn = build_loss(cfg.loss, cfg.label_smoothing)
+    steps_per_epoch = -(-len(y["train"]) // cfg.batch_size)
+
+    params = asdict(cfg) | {
+        "data": str(path),
+        "lr": lr,
+        "momentum": momentum,
+        "data_digest": digest,
+        "dataset": data.dataset,
+        "n_params": count_parameters(model),
+        "train_size": len(y["train"]),
+    }
+    with tracking.start_run(
+        "train", cfg.run_name, nested=nested, experiment_id=experiment_id, system_metrics=True
+    ) as run:
+        tracking.log_params(params)
+        tracking.set_tags({"device": str(device), "device_name": device_name(device)})
+        console = ConsoleReporter(cfg.epochs * steps_per_epoch, cfg.print_every)
+        tracker = Fanout([run.tracker, console])
+        t_loop = time.perf_counter()
+        for _ in range(cfg.epochs):
+            train_epoch(
+                state,
+                x["train"],
+                y["train"],
+                loss_fn,
+                tracker,
+                cfg.batch_size,
+                cfg.log_every,
+                cfg.amp,
+            )
+            val = evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
+            tracker.log_metrics({"val/loss": val.loss, "val/accuracy": val.accuracy}, state.epoch)
+        loop_seconds = time.perf_counter() - t_loop
+        console.close()
+        test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
+        tracking.log_evaluation("test", test, data.classes, step=state.step)
+        example = to_model_input(data.splits["test"].images[:2]).numpy()
+        info = tracking.log_model(model.cpu(), example)
+        tracking.log_metrics(
+            {
+                "time/loop_seconds": loop_seconds,
+                "time/samples_per_second": state.step * cfg.batch_size / loop_seconds,
+                "time/setup_seconds": t_loop - t0,
+            }
+        )
+    print(
+        f"train: test/loss={test.loss:.4f} test/accuracy={test.accuracy:.4f} "
+        f"run_id={run.run_id} model={info.model_uri}"
+    )
+    return TrainResult(run.run_id, test.loss, test.accuracy, info.model_uri)
+
+
+def run_main(prep: PrepConfig, train: TrainConfig) -> TrainResult:
+    """data_prep then train as child runs of one parent; a matching data_prep run is reused."""
+    validate_train(train)
+    with tracking.start_run("main", f"main-{train.run_name}") as parent:
+        tracking.log_params(prep.params() | {k: v for k, v in asdict(train).items() if k != "data"})
+        found = tracking.find_prep_run(parent.experiment_id, prep.params())
+        if found is not None and Path(found.data.params["data_path"]).is_file():
+            prepared = PrepResult(
+                found.info.run_id,
+                Path(found.data.params["data_path"]),
+                found.data.params["data_digest"],
+                reused=True,
+            )
+            print(f"data_prep: reusing run {prepared.run_id} ({prepared.path})")
+        else:
+            prepared = run_prep(prep, nested=True, experiment_id=parent.experiment_id)
+        tracking.set_tags(
+            {"data_prep_run_id": prepared.run_id, "data_prep_reused": str(prepared.reused)}
+        )
+        result = run_train(
+            replace(train, data=prepared.run_id), nested=True, experiment_id=parent.experiment_id
+        )
+        tracking.set_tags({"train_run_id": result.run_id})
+    return result
