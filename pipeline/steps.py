@@ -113,10 +113,10 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
     loss_fn = build_loss(cfg.loss, cfg.label_smoothing)
     steps_per_epoch = -(-len(y["train"]) // cfg.batch_size)
 
-    params = asdict(cfg) | {
+    params = _requested(cfg) | {
         "data": str(path),
-        "lr": lr,
-        "momentum": momentum,
+        "effective_lr": lr,
+        "effective_momentum": momentum,
         "data_digest": digest,
         "dataset": data.dataset,
         "n_params": count_parameters(model),
@@ -163,11 +163,19 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
     return TrainResult(run.run_id, test.loss, test.accuracy, info.model_uri)
 
 
+def _requested(cfg: TrainConfig) -> dict[str, object]:
+    """Train params as the user gave them ("auto" where a per-optimizer default applies)."""
+    params = {k: v for k, v in asdict(cfg).items() if k != "data"}
+    for key in ("lr", "momentum"):
+        params[key] = "auto" if params[key] is None else params[key]
+    return params
+
+
 def run_main(prep: PrepConfig, train: TrainConfig) -> TrainResult:
     """data_prep then train as child runs of one parent; a matching data_prep run is reused."""
     validate_train(train)
     with tracking.start_run("main", f"main-{train.run_name}") as parent:
-        tracking.log_params(prep.params() | {k: v for k, v in asdict(train).items() if k != "data"})
+        tracking.log_params(prep.params() | _requested(train))
         found = tracking.find_prep_run(parent.experiment_id, prep.params())
         if found is not None and Path(found.data.params["data_path"]).is_file():
             prepared = PrepResult(

@@ -29,6 +29,7 @@ from pipeline.loop import StepLog
 STEP_TAG = "pipeline.step"
 CODE_VERSION_TAG = "pipeline.code_version"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default of 10 s leaves short runs with no samples
 
 
 def code_version() -> str:
@@ -151,6 +152,8 @@ def start_run(
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is resumed instead.
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    if system_metrics:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     active = mlflow.start_run(
         run_name=run_name,
         nested=nested,
@@ -179,7 +182,13 @@ def start_run(
 
 
 def log_params(params: dict[str, object]) -> None:
-    mlflow.log_params({k: "none" if v is None else str(v) for k, v in params.items()})
+    """Log params as strings, skipping keys already set: under `mlflow run` MLflow logs the
+    entry point's parameters itself, as typed, and a param can never change once logged."""
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    new = {k: "none" if v is None else str(v) for k, v in params.items() if k not in existing}
+    if new:
+        mlflow.log_params(new)
 
 
 def set_tags(tags: dict[str, str]) -> None:

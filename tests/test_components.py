@@ -1,0 +1,121 @@
+"""Models, losses and optimizers picked by name, and the loop itself (no MLflow)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import LOSSES, OPTIMIZERS
+from pipeline.data import load_prepared, to_model_input
+from pipeline.errors import PipelineError
+from pipeline.loop import StepLog, TrainState, evaluate, train_epoch
+from pipeline.losses import build_loss
+from pipeline.models import build_model, count_parameters
+from pipeline.optimizers import build_optimizer, resolve_hparams
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.rows: list[StepLog] = []
+        self.metrics: list[tuple[dict, int]] = []
+
+    def log_steps(self, rows):
+        self.rows.extend(rows)
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((metrics, step))
+
+
+def test_seed_cnn_is_exactly_the_notebook_model():
+    model = build_model("seed_cnn")
+    kinds = [type(m) for m in model]
+    assert kinds == [nn.Conv2d, nn.Flatten, nn.Linear]
+    conv, _, linear = model
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (1, 8, (3, 3))
+    assert (linear.in_features, linear.out_features) == (8 * 26 * 26, 10)
+    assert count_parameters(model) == 8 * 9 + 8 + 8 * 26 * 26 * 10 + 10
+
+
+@pytest.mark.parametrize("name", ["seed_cnn", "lenet5", "mlp"])
+def test_models_map_images_to_logits(name):
+    assert build_model(name)(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def _state(optimizer: str, seed: int = 0) -> TrainState:
+    torch.manual_seed(seed)
+    model = build_model("seed_cnn")
+    lr, momentum = resolve_hparams(optimizer, None, None)
+    opt = build_optimizer(
+        optimizer, list(model.parameters()), lr, momentum, 0.0, torch.device("cpu")
+    )
+    return TrainState(model, opt, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_optimizer_with_every_loss_takes_finite_steps(sample_file, optimizer, loss):
+    data = load_prepared(sample_file)
+    x = to_model_input(data.splits["train"].images[:512])
+    y = data.splits["train"].labels[:512]
+    state, rec = _state(optimizer), Recorder()
+    before = [p.detach().clone() for p in state.model.parameters()]
+    train_epoch(state, x, y, build_loss(loss), rec, batch_size=128)
+    assert [r.step for r in rec.rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r.loss) for r in rec.rows)
+    assert any(not torch.equal(a, b) for a, b in zip(before, state.model.parameters(), strict=True))
+
+
+def test_loss_falls_over_an_epoch_on_the_sample(sample_file):
+    data = load_prepared(sample_file)
+    x, y = to_model_input(data.splits["train"].images), data.splits["train"].labels
+    state, rec = _state("adam"), Recorder()
+    loss_fn = build_loss("cross_entropy")
+    before = evaluate(state.model, x, y, loss_fn, 10)
+    train_epoch(state, x, y, loss_fn, rec, batch_size=128)
+    after = evaluate(state.model, x, y, loss_fn, 10)
+    assert len(rec.rows) == math.ceil(3600 / 128)
+    assert after.loss < 0.5 * before.loss
+    assert after.accuracy > 0.8
+    first, last = rec.rows[:5], rec.rows[-5:]
+    assert sum(r.loss for r in last) < 0.5 * sum(r.loss for r in first)
+
+
+def test_log_every_logs_every_nth_step(sample_file):
+    data = load_prepared(sample_file)
+    x, y = to_model_input(data.splits["train"].images), data.splits["train"].labels
+    state, rec = _state("sgd"), Recorder()
+    train_epoch(state, x, y, build_loss("nll"), rec, batch_size=100, log_every=5)
+    assert [r.step for r in rec.rows] == list(range(5, 37, 5))
+
+
+def test_evaluation_confusion_matrix_counts_every_sample(sample_file):
+    data = load_prepared(sample_file)
+    x, y = to_model_input(data.splits["test"].images), data.splits["test"].labels
+    ev = evaluate(build_model("mlp"), x, y, build_loss("cross_entropy"), 10, batch_size=300)
+    assert sum(map(sum, ev.confusion)) == 1000
+    assert [sum(row) for row in ev.confusion] == [100] * 10
+    assert ev.accuracy == pytest.approx(sum(ev.confusion[i][i] for i in range(10)) / 1000)
+
+
+def test_mse_is_on_probabilities():
+    logits = torch.tensor([[10.0, -10.0]])
+    assert build_loss("mse")(logits, torch.tensor([0])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, needle",
+    [
+        (lambda: build_model("resnet"), "unknown model 'resnet'; valid choices: seed_cnn"),
+        (lambda: build_loss("hinge"), "unknown loss 'hinge'; valid choices: cross_entropy"),
+        (lambda: resolve_hparams("lbfgs", None, None), "unknown optimizer 'lbfgs'; valid"),
+        (lambda: resolve_hparams("adam", -1.0, None), "lr must be > 0, got -1.0"),
+        (lambda: resolve_hparams("adam", None, 0.9), "momentum=0.9 does not apply"),
+        (lambda: build_loss("mse", 0.1), "applies to loss 'cross_entropy' only"),
+    ],
+)
+def test_bad_component_names_raise_clear_errors(call, needle):
+    with pytest.raises(PipelineError, match=needle.replace("(", r"\(")):
+        call()
