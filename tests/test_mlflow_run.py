@@ -66,3 +66,57 @@ def test_mlflow_run_rejects_bad_input_and_marks_the_run_failed(tracking, tmp_pat
     assert "'lbfgs' is not one of 'sgd'" in proc.stderr
     statuses = {r.info.status for r in MlflowClient(tracking).search_runs(["0"])}
     assert statuses == {"FAILED"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_logged_model_serves_with_mlflow_models_serve(tracking, tmp_path, sample_file):
+    import json
+    import time
+    import urllib.request
+
+    import mlflow
+    import numpy as np
+
+    from pipeline.config import TrainConfig
+    from pipeline.data import load_prepared, to_model_input
+    from pipeline.steps import run_train
+
+    result = run_train(TrainConfig(data=str(sample_file), epochs=1))
+    x = to_model_input(load_prepared(sample_file).splits["test"].images[:4]).numpy()
+    expected = mlflow.pyfunc.load_model(result.model_uri).predict(x)
+    port = _free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", f"runs:/{result.run_id}/model",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        body = json.dumps({"inputs": x.tolist()}).encode()
+        deadline = time.time() + 120
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    predictions = json.loads(response.read())["predictions"]
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                assert time.time() < deadline, "server did not answer in 120 s"
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    np.testing.assert_allclose(np.asarray(predictions), expected, rtol=1e-4, atol=1e-4)
