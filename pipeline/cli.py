@@ -84,10 +84,12 @@ train_options = _options(
                      show_default=True, help="Steps between logged train/* points."),
         click.option("--print-every", type=click.IntRange(min=0), default=TRAIN.print_every,
                      show_default=True, help="Print the notebook's loss/acc line every N steps."),
-        click.option("--amp/--no-amp", default=TRAIN.amp, show_default=True,
-                     help="bfloat16 autocast (CUDA)."),
-        click.option("--compile/--no-compile", "compile_", default=TRAIN.compile,
-                     show_default=True, help="torch.compile the model (CUDA)."),
+        # `--amp` alone or `--amp true|false`, so MLproject can pass the value through.
+        click.option("--amp", type=click.BOOL, is_flag=False, flag_value=True,
+                     default=TRAIN.amp, show_default=True, help="bfloat16 autocast (CUDA)."),
+        click.option("--compile", "compile_", type=click.BOOL, is_flag=False, flag_value=True,
+                     default=TRAIN.compile, show_default=True,
+                     help="torch.compile the model (CUDA)."),
     ]
 )  # fmt: skip
 

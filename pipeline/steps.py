@@ -45,6 +45,7 @@ class TrainResult:
     test_loss: float
     test_accuracy: float
     model_uri: str
+    model: torch.nn.Module  # the trained network, on the CPU
 
 
 def run_prep(cfg: PrepConfig, *, nested: bool = False, experiment_id: str | None = None):
@@ -160,7 +161,7 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
         f"train: test/loss={test.loss:.4f} test/accuracy={test.accuracy:.4f} "
         f"run_id={run.run_id} model={info.model_uri}"
     )
-    return TrainResult(run.run_id, test.loss, test.accuracy, info.model_uri)
+    return TrainResult(run.run_id, test.loss, test.accuracy, info.model_uri, model)
 
 
 def _requested(cfg: TrainConfig) -> dict[str, object]:

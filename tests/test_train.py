@@ -57,11 +57,9 @@ def test_train_logs_params_curves_evaluation_and_model(tracking, sample_file):
     # The logged model, loaded through pyfunc, predicts what the trained model predicts.
     data = load_prepared(sample_file)
     x = to_model_input(data.splits["test"].images[:32])
-    pyfunc = mlflow.pyfunc.load_model(result.model_uri)
-    native = mlflow.pytorch.load_model(result.model_uri)
-    served = np.asarray(pyfunc.predict(x.numpy()))
+    served = np.asarray(mlflow.pyfunc.load_model(result.model_uri).predict(x.numpy()))
     with torch.no_grad():
-        expected = native(x).numpy()
+        expected = result.model.eval()(x).numpy()
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
     assert (served.argmax(1) == data.splits["test"].labels[:32].numpy()).mean() > 0.7
 
