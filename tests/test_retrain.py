@@ -274,26 +274,58 @@ def test_crash_never_moves_champion_and_the_next_run_recovers(tracking, tmp_path
 
 
 @pytest.mark.slow
-def test_two_concurrent_retrains_one_exits_with_the_lock_code(tracking, tmp_path):
+def test_two_concurrent_retrains_one_exits_with_the_lock_code(tracking, tmp_path, monkeypatch):
+    """The first runs as the MLproject entry point (`mlflow run -e retrain`), the second as
+    the CLI; both find the lock folder in $PIPELINE_LOCK_DIR."""
+    monkeypatch.setenv("PIPELINE_LOCK_DIR", str(tmp_path / "locks"))
     slow = _config(tmp_path, {"epochs": 8}, file="slow.yaml")
-    args = ["retrain", "--config", str(slow), "--lock-dir", str(tmp_path / "locks")]
     first = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
+        ["mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "retrain",
+         "-P", f"config={slow}"],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.time() + 60
+    deadline = time.time() + 90
     while not any(p.read_text().startswith("pid=") for p in (tmp_path / "locks").glob("*.lock")):
         assert first.poll() is None and time.time() < deadline, "first retrain never locked"
         time.sleep(0.2)
     t0 = time.time()
-    second = run_cli(*args, cwd=tmp_path)
+    second = run_cli("retrain", "--config", str(slow), cwd=tmp_path)
+    refused_s = time.time() - t0
     assert second.returncode == 75, second.stderr
     assert_one_line_error(second, "another retrain holds the lock")
-    assert f"pid={first.pid}" in second.stderr
     assert first.poll() is None, "the first retrain finished before the second was refused"
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
-    assert "retrain: promote digits-test v1" in out
-    print(f"second retrain refused in {time.time() - t0:.1f} s")
+    assert f"retrain: promote {NAME} v1" in out
+    print(f"second retrain refused after {refused_s:.1f} s")
     runs = MlflowClient().search_runs(["0"], "tags.`pipeline.step` = 'retrain'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["config"] == str(slow)  # logged by `mlflow run` itself
+    assert registry.champion(NAME).version == "1"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_retrain_ends_runs_killed_and_frees_the_lock(tracking, tmp_path):
+    long = _config(tmp_path, {"epochs": 200}, file="long.yaml")
+    locks = tmp_path / "locks"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "retrain", "--config", str(long), "--lock-dir", locks],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    client = MlflowClient()
+    deadline = time.time() + 90
+    while True:  # until the nested train run has logged an epoch
+        runs = client.search_runs(["0"], "tags.`pipeline.step` = 'train'")
+        if runs and client.get_metric_history(runs[0].info.run_id, "val/loss"):
+            break
+        assert proc.poll() is None and time.time() < deadline, "training never logged an epoch"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    statuses = {r.data.tags["pipeline.step"]: r.info.status for r in client.search_runs(["0"])}
+    assert statuses == {"retrain": "KILLED", "data_prep": "FINISHED", "train": "KILLED"}
+    assert registry.champion(NAME) is None and client.search_registered_models() == []
+    (lock,) = locks.glob("*.lock")
+    with exclusive(lock):  # released: the next scheduled run is not blocked
+        pass
