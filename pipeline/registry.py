@@ -71,9 +71,14 @@ def require_model(name: str) -> None:
 
 
 def versions(name: str) -> list[Version]:
-    """All versions of `name`, oldest first."""
-    found = MlflowClient().search_model_versions(f"name = '{name}'")
-    return sorted((_version(mv) for mv in found), key=lambda v: int(v.version))
+    """All versions of `name`, oldest first (every page of the search)."""
+    client, found, token = MlflowClient(), [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return sorted((_version(mv) for mv in found), key=lambda v: int(v.version))
 
 
 def run_params(run_id: str) -> dict[str, str]:

@@ -179,7 +179,7 @@ def decide(cfg: RetrainConfig, challenger: float, champion: float | None, versio
     if champion is None:
         return Decision(True, f"no champion yet: first version promoted ({cfg.metric}="
                               f"{challenger:.4f})")  # fmt: skip
-    gain = challenger - champion if cfg.direction == "maximize" else champion - challenger
+    gain = _gain(cfg, challenger, champion)
     compare = (
         f"challenger {cfg.metric}={challenger:.4f} vs champion v{version} {cfg.metric}="
         f"{champion:.4f} (improvement {gain:+.4f}, min_delta {cfg.min_delta:g})"
@@ -348,10 +348,13 @@ def _gain(cfg: RetrainConfig, value: float, champ: float) -> float:
 
 
 class _Inference(torch.nn.Module):
-    """An exported (pt2) module is already in inference mode and refuses `.eval()`."""
+    """A module that stays in inference mode: exported (pt2) graphs refuse `.eval()`, and
+    `evaluate` calls it."""
 
     def __init__(self, module) -> None:
         super().__init__()
+        with contextlib.suppress(NotImplementedError):  # pt2: already in inference mode
+            module.eval()
         self.module = module
 
     def train(self, mode: bool = True) -> _Inference:
@@ -365,9 +368,9 @@ def _evaluate(module, data) -> Evaluation:
     """Cross-entropy loss and accuracy on the test split: the same yardstick for both models,
     whatever loss each was trained with."""
     test = data.splits["test"]
-    model = _Inference(module)
-    return evaluate(model, to_model_input(test.images), test.labels, build_loss("cross_entropy"),
-                    data.num_classes)  # fmt: skip
+    loss_fn = build_loss("cross_entropy")
+    x = to_model_input(test.images)
+    return evaluate(_Inference(module), x, test.labels, loss_fn, data.num_classes)
 
 
 def _evaluate_champion(name: str, version: str, data) -> Evaluation:
