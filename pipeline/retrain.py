@@ -239,11 +239,10 @@ def _retrain_locked(cfg: RetrainConfig, params_from: str, fail_after: str | None
         _checkpoint("train", fail_after)
         scores = _evaluate_both(cfg, trained.model_uri, prepared.path, before)
         _checkpoint("evaluate", fail_after)
-        version = registry.register(name, trained.model_uri, _version_tags(cfg, before, scores)
-                                    | {"data_digest": prepared.digest,
-                                       "data_prep_run_id": prepared.run_id,
-                                       "source_run_id": trained.run_id,
-                                       "retrain_run_id": parent.run_id})  # fmt: skip
+        lineage = {"data_digest": prepared.digest, "data_prep_run_id": prepared.run_id,
+                   "source_run_id": trained.run_id, "retrain_run_id": parent.run_id}  # fmt: skip
+        tags = _version_tags(cfg, before, scores) | lineage
+        version = registry.register(name, trained.model_uri, tags)
         tracking.set_tags({"retrain.version": version.version})
         _checkpoint("register", fail_after)
         decision = decide(cfg, scores.challenger, scores.champion, _v(before))
