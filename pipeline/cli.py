@@ -1,4 +1,5 @@
-"""The `pipeline` command: prep, train and main, as the MLproject entry points call them."""
+"""The `pipeline` command: prep, train, main and retrain, as the MLproject entry points call
+them, and champion, which shows a registered model's champion and its history."""
 
 from __future__ import annotations
 
@@ -133,6 +134,91 @@ def main(dataset, data_dir, val_fraction, test_fraction, split_seed, compile_, *
     run_main(prep_cfg, _train_config("", compile_, **kwargs))
 
 
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    default="experiments/retrain.yaml",
+    show_default=True,
+    help="Retrain YAML: model name, metric, min_delta, prep and train parameters.",
+)
+@click.option(
+    "--params-from",
+    type=click.Choice(["config", "champion"]),
+    default="config",
+    show_default=True,
+    help="Train the challenger with the config's parameters or "
+    "with those of the current champion's train run.",
+)
+@click.option("--model-name", default="", help="Registered model name; overrides the config.")
+@click.option(
+    "--lock-dir",
+    default=None,
+    help="Where per-model lock files live "
+    "[default: $PIPELINE_LOCK_DIR or ~/.cache/pipeline/locks].",
+)
+def retrain(config_path: str, params_from: str, model_name: str, lock_dir: str | None) -> None:
+    """retrain: fresh data, a challenger, and `champion` moved to it only if it is better.
+
+    Exits 0 whether it promoted or kept the champion, 75 if another retrain of the same
+    model holds the lock on this host, and 1 on any failure (the champion is then unchanged).
+    """
+    from dataclasses import replace
+
+    from pipeline.retrain import load_config
+    from pipeline.retrain import retrain as run_retrain
+
+    cfg = load_config(config_path)
+    if model_name:
+        cfg = replace(cfg, model_name=model_name)
+    run_retrain(cfg, params_from=params_from, lock_dir=lock_dir)
+
+
+@cli.command()
+@click.argument("name")
+def champion(name: str) -> None:
+    """champion: the current champion of NAME and every retrain decision, oldest first."""
+    from pipeline.retrain import history
+
+    current, decided = history(name)
+    if current is None:
+        click.echo(f"{name}: no champion")
+    else:
+        t = current.tags
+        click.echo(
+            f"{name}: champion v{current.version} since {t.get('promoted_at', '?')} "
+            f"test_accuracy={t.get('test_accuracy', '?')} test_loss={t.get('test_loss', '?')} "
+            f"data={t.get('data_digest', '?')[:12]} run={t.get('source_run_id', current.run_id)}"
+        )
+    header = (
+        "version",
+        "decision",
+        "decided_at",
+        "accuracy",
+        "loss",
+        "data",
+        "champion_before",
+        "reason",
+    )
+    click.echo("  ".join(header))
+    for v in decided:
+        t = v.tags
+        click.echo(
+            "  ".join(
+                [
+                    f"v{v.version}",
+                    v.decision or "?",
+                    t.get("retrain.decided_at", "-"),
+                    t.get("test_accuracy", "-"),
+                    t.get("test_loss", "-"),
+                    t.get("data_digest", "-")[:12],
+                    t.get("retrain.champion_version", "-"),
+                    t.get("retrain.reason", "-"),
+                ]
+            )  # fmt: skip
+        )
+
+
 def entry() -> None:
     """Run the CLI; every error is one line on stderr and a non-zero exit status."""
     try:
@@ -143,7 +229,7 @@ def entry() -> None:
     except (click.ClickException, PipelineError) as exc:
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
         click.echo(f"Error: {message}", err=True)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))
     except (click.Abort, KeyboardInterrupt) as exc:
         # click turns KeyboardInterrupt (and so our SIGTERM exception) into Abort.
         from pipeline.tracking import Terminated

@@ -1,0 +1,78 @@
+"""One retrain at a time per registered model, on this host: an exclusive `flock`.
+
+The kernel drops a `flock` when its holder exits, however it exits (SIGKILL and OOM kills
+included), so a lock left by a dead process never blocks the next run: the file stays, the
+lock does not. The lock is per host; two hosts retraining the same model against one
+tracking server are not serialised by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+LOCK_DIR_ENV = "PIPELINE_LOCK_DIR"
+EX_TEMPFAIL = 75  # sysexits.h: "try again later", what a scheduler should see for "busy"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class LockHeld(PipelineError):
+    """Another retrain of the same model holds the lock; the CLI exits with `exit_code`."""
+
+    exit_code = EX_TEMPFAIL
+
+
+def default_lock_dir() -> Path:
+    """$PIPELINE_LOCK_DIR, else $XDG_CACHE_HOME/pipeline/locks, else ~/.cache/pipeline/locks."""
+    if os.environ.get(LOCK_DIR_ENV):
+        return Path(os.environ[LOCK_DIR_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "pipeline" / "locks"
+
+
+def lock_path(lock_dir: Path, model_name: str, tracking_uri: str) -> Path:
+    """One file per (tracking store, model name): different stores never block each other."""
+    if not MODEL_NAME.match(model_name):
+        raise PipelineError(
+            f"invalid model name {model_name!r}; use letters, digits, '.', '_' and '-' "
+            "(at most 100, starting with a letter or digit)"
+        )
+    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:10]
+    return Path(lock_dir) / f"{model_name}-{store}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on `path` or raise LockHeld at once (never waits)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            raise LockHeld(
+                f"another retrain holds the lock {str(path)!r} ({holder}); "
+                f"exiting with {EX_TEMPFAIL}, try again later"
+            ) from None
+        # Who holds it, for the message above; written only after the lock is ours.
+        os.ftruncate(fd, 0)
+        os.pwrite(
+            fd, f"pid={os.getpid()} since={time.strftime('%FT%TZ', time.gmtime())}\n".encode(), 0
+        )
+        yield path
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _read_holder(fd: int) -> str:
+    text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    return text or "holder unknown"

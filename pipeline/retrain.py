@@ -1,0 +1,430 @@
+"""Scheduled retraining: a challenger is trained on fresh data and replaces the champion
+only if it is better by at least `min_delta`.
+
+Order of writes, so that a crash anywhere leaves the `champion` alias on a finished,
+evaluated version: prep -> train -> evaluate both -> register (decision `pending`) ->
+move the alias (promote only) -> record the decision. A version left `pending` by a crash is
+settled by the next retrain: `promote` if the alias already points at it, else `abandoned`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline import registry, tracking
+from pipeline.config import DATASETS, PrepConfig, TrainConfig
+from pipeline.data import load_prepared, to_model_input
+from pipeline.errors import PipelineError
+from pipeline.lock import default_lock_dir, exclusive, lock_path
+from pipeline.loop import Evaluation, evaluate
+from pipeline.losses import build_loss
+
+DEFAULT_CONFIG = "experiments/retrain.yaml"
+METRICS = {"accuracy": "maximize", "loss": "minimize"}  # on the current test split
+PARAMS_FROM = ("config", "champion")
+FAIL_AFTER_ENV = "PIPELINE_FAIL_AFTER"  # failure injection for tests: a stage name below
+STAGES = ("prep", "train", "evaluate", "register", "promote")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """What `experiments/retrain.yaml` holds: the model, the rule, and the run parameters."""
+
+    model_name: str = "digits-classifier"
+    metric: str = "accuracy"
+    direction: str = "maximize"
+    min_delta: float = 0.0
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+    @property
+    def word(self) -> str:
+        return registry.PROMOTE if self.promote else registry.KEEP
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    run_id: str
+    version: str
+    decision: str
+    reason: str
+    challenger: float
+    champion: float | None
+    data_digest: str
+
+
+# --- the config file --------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> RetrainConfig:
+    """Read and validate a retrain YAML file; any bad key or value names the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"retrain config {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+    top = {f.name for f in fields(RetrainConfig)}
+    _reject_unknown(path, "", raw, top)
+    prep = _section(path, "prep", raw.get("prep"), PrepConfig, ())
+    train = _section(path, "train", raw.get("train"), TrainConfig, ("data",))
+    values = {
+        k: _coerce(path, k, raw[k], RetrainConfig) for k in top - {"prep", "train"} if k in raw
+    }
+    if "metric" in values and "direction" not in values:
+        values["direction"] = METRICS.get(values["metric"], "maximize")
+    cfg = RetrainConfig(**values, prep=prep, train=train)
+    validate(cfg, str(path))
+    return cfg
+
+
+def _reject_unknown(path: Path, where: str, raw: dict, known: set[str]) -> None:
+    for key in raw:
+        if key not in known:
+            raise PipelineError(
+                f"{path}: unknown key {where}{key!r}; valid keys: {', '.join(sorted(known))}"
+            )
+
+
+def _section(path: Path, name: str, raw, cls, skip: tuple[str, ...]):
+    """A PrepConfig or TrainConfig from one mapping of the file, defaults for missing keys."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: {name!r} must be a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)} - set(skip)
+    _reject_unknown(path, f"{name}.", raw, known)
+    return cls(**{k: _coerce(path, f"{name}.{k}", v, cls) for k, v in raw.items()})
+
+
+def _coerce(path: Path | str, key: str, value, cls):
+    """`value` as the type of the field's default; lr/momentum also take 'auto' (None)."""
+    name = key.split(".")[-1]
+    default = getattr(cls(), name)
+    if name in ("lr", "momentum"):
+        if value is None or (isinstance(value, str) and value.lower() in ("auto", "none")):
+            return None
+        default = 0.0
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[type(default)]
+    if isinstance(value, str) and type(default) in (int, float) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):  # params read back from MLflow are strings
+            value = type(default)(value)
+    if isinstance(value, str) and type(default) is bool and value in ("True", "False"):
+        value = value == "True"
+    if not ok(value):
+        raise PipelineError(f"{path}: {key} must be {type(default).__name__}, got {value!r}")
+    return float(value) if type(default) is float else value
+
+
+def validate(cfg: RetrainConfig, source: str = "retrain config") -> None:
+    """Every choice and range, before any lock, run or version exists."""
+    from pipeline.lock import MODEL_NAME
+    from pipeline.steps import validate_train
+
+    if not MODEL_NAME.match(cfg.model_name):
+        raise PipelineError(
+            f"{source}: invalid model_name {cfg.model_name!r}; use letters, digits, '.', '_', '-'"
+        )
+    if cfg.metric not in METRICS:
+        raise PipelineError(
+            f"{source}: unknown metric {cfg.metric!r}; valid choices: {', '.join(METRICS)}"
+        )
+    if cfg.direction != METRICS[cfg.metric]:
+        raise PipelineError(
+            f"{source}: direction {cfg.direction!r} does not fit metric {cfg.metric!r}; "
+            f"valid choice: {METRICS[cfg.metric]}"
+        )
+    if not (cfg.min_delta >= 0 and math.isfinite(cfg.min_delta)):
+        raise PipelineError(f"{source}: min_delta must be a number >= 0, got {cfg.min_delta}")
+    if cfg.prep.dataset not in DATASETS:
+        raise PipelineError(
+            f"{source}: unknown dataset {cfg.prep.dataset!r}; valid choices: {', '.join(DATASETS)}"
+        )
+    for name in ("val_fraction", "test_fraction"):
+        if not 0 < getattr(cfg.prep, name) < 1:
+            raise PipelineError(f"{source}: prep.{name} must be in (0, 1)")
+    try:
+        validate_train(cfg.train)
+    except PipelineError as exc:
+        raise PipelineError(f"{source}: train: {exc}") from None
+
+
+# --- the decision -----------------------------------------------------------------------
+
+
+def decide(cfg: RetrainConfig, challenger: float, champion: float | None, version: str) -> Decision:
+    """Promote when there is no champion, or the challenger beats it by at least min_delta."""
+    if champion is None:
+        return Decision(True, f"no champion yet: first version promoted ({cfg.metric}="
+                              f"{challenger:.4f})")  # fmt: skip
+    gain = _gain(cfg, challenger, champion)
+    compare = (
+        f"challenger {cfg.metric}={challenger:.4f} vs champion v{version} {cfg.metric}="
+        f"{champion:.4f} (improvement {gain:+.4f}, min_delta {cfg.min_delta:g})"
+    )
+    if gain >= cfg.min_delta - 1e-12:  # NaN compares False: a NaN challenger is kept out
+        return Decision(True, f"{compare}: better, promoted")
+    return Decision(False, f"{compare}: not better by min_delta, champion kept")
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def retrain(
+    cfg: RetrainConfig, *, params_from: str = "config", lock_dir: str | Path | None = None
+) -> RetrainResult:
+    """Lock, then prepare, train, evaluate, register and decide; see the module docstring."""
+    validate(cfg)
+    if params_from not in PARAMS_FROM:
+        raise PipelineError(
+            f"unknown params_from {params_from!r}; valid choices: {', '.join(PARAMS_FROM)}"
+        )
+    fail_after = _fail_after()
+    lock = lock_path(Path(lock_dir or default_lock_dir()), cfg.model_name, registry.tracking_uri())
+    with exclusive(lock):
+        settle_crashed(cfg.model_name)
+        return _retrain_locked(cfg, params_from, fail_after)
+
+
+def _fail_after() -> str | None:
+    stage = os.environ.get(FAIL_AFTER_ENV) or None
+    if stage is not None and stage not in STAGES:
+        raise PipelineError(
+            f"{FAIL_AFTER_ENV}={stage!r} is not a stage; valid choices: {', '.join(STAGES)}"
+        )
+    return stage
+
+
+def _checkpoint(stage: str, fail_after: str | None) -> None:
+    """Injected failure for crash tests: raise right after `stage` when asked to."""
+    if stage == fail_after:
+        raise RuntimeError(f"injected failure after {stage} ({FAIL_AFTER_ENV}={stage})")
+
+
+def _retrain_locked(cfg: RetrainConfig, params_from: str, fail_after: str | None):
+    """One retrain run with the data_prep and train runs nested in it."""
+    from pipeline.steps import run_prep
+
+    name = cfg.model_name
+    before = registry.champion(name)
+    train_cfg = _challenger_config(cfg, params_from, before)
+    with tracking.start_run("retrain", f"retrain-{name}") as parent:
+        _log_start(cfg, params_from, train_cfg, before)
+        prepared = run_prep(cfg.prep, nested=True, experiment_id=parent.experiment_id)
+        tracking.set_tags({"data_digest": prepared.digest, "data_prep_run_id": prepared.run_id})
+        _checkpoint("prep", fail_after)
+        trained = _train(train_cfg, prepared.run_id, parent.experiment_id)
+        _checkpoint("train", fail_after)
+        scores = _evaluate_both(cfg, trained.model_uri, prepared.path, before)
+        _checkpoint("evaluate", fail_after)
+        lineage = {"data_digest": prepared.digest, "data_prep_run_id": prepared.run_id,
+                   "source_run_id": trained.run_id, "retrain_run_id": parent.run_id}  # fmt: skip
+        tags = _version_tags(cfg, before, scores) | lineage
+        version = registry.register(name, trained.model_uri, tags)
+        tracking.set_tags({"retrain.version": version.version})
+        _checkpoint("register", fail_after)
+        decision = decide(cfg, scores.challenger, scores.champion, _v(before))
+        _apply(cfg, decision, version.version, before, fail_after)
+    print(f"retrain: {decision.word} {name} v{version.version}: {decision.reason}")
+    return RetrainResult(
+        parent.run_id, version.version, decision.word, decision.reason, scores.challenger,
+        scores.champion, prepared.digest,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Both models on the current test split; `champion` is None when there is none."""
+
+    challenger_eval: Evaluation
+    challenger: float
+    champion: float | None
+
+
+def _challenger_config(cfg: RetrainConfig, params_from: str, before) -> TrainConfig:
+    if params_from == "config":
+        return cfg.train
+    if before is None:
+        print("retrain: no champion yet; training with the config's parameters")
+        return cfg.train
+    return champion_train_config(before)
+
+
+def _log_start(cfg: RetrainConfig, params_from: str, train_cfg: TrainConfig, before) -> None:
+    from pipeline.steps import _requested
+
+    rule = {"registered_model": cfg.model_name, "metric": cfg.metric, "min_delta": cfg.min_delta,
+            "direction": cfg.direction, "params_from": params_from}  # fmt: skip
+    tracking.log_params(rule | cfg.prep.params() | _requested(train_cfg))
+    tracking.set_tags({"retrain.model_name": cfg.model_name, "retrain.champion_before": _v(before)})
+
+
+def _train(train_cfg: TrainConfig, data_run_id: str, experiment_id: str):
+    from pipeline.steps import run_train
+
+    trained = run_train(
+        replace(train_cfg, data=data_run_id), nested=True, experiment_id=experiment_id
+    )
+    tracking.set_tags({"train_run_id": trained.run_id})
+    return trained
+
+
+def _evaluate_both(cfg: RetrainConfig, model_uri: str, data_path: Path, before) -> Scores:
+    """Score the logged challenger (as it will be served) and the champion, in this run."""
+    data = load_prepared(data_path)
+    challenger = _evaluate(registry.load_logged_model(model_uri), data)
+    tracking.log_evaluation("challenger/test", challenger, data.classes, step=0)
+    if before is None:
+        return Scores(challenger, getattr(challenger, cfg.metric), None)
+    champ = _evaluate_champion(cfg.model_name, before.version, data)
+    tracking.log_evaluation("champion/test", champ, data.classes, step=0)
+    value, champ_value = getattr(challenger, cfg.metric), getattr(champ, cfg.metric)
+    tracking.log_metrics({"retrain/improvement": _gain(cfg, value, champ_value)})
+    return Scores(challenger, value, champ_value)
+
+
+def _version_tags(cfg: RetrainConfig, before, scores: Scores) -> dict[str, str]:
+    """Tags of a new version: its scores, the champion it faced, and `pending` until decided."""
+    champ = "none" if scores.champion is None else f"{scores.champion:.6f}"
+    return {
+        "test_accuracy": f"{scores.challenger_eval.accuracy:.6f}",
+        "test_loss": f"{scores.challenger_eval.loss:.6f}",
+        "retrain.metric": cfg.metric,
+        "retrain.champion_version": _v(before),
+        "retrain.champion_value": champ,
+        registry.DECISION: registry.PENDING,
+    }
+
+
+def _apply(cfg: RetrainConfig, decision: Decision, version: str, before, fail_after) -> None:
+    """Move the alias (promote only), then record the decision on the version and the run."""
+    decided_at = _now()
+    if decision.promote:
+        registry.move_champion(cfg.model_name, version)
+        _checkpoint("promote", fail_after)
+    record = {registry.DECISION: decision.word, "retrain.reason": decision.reason,
+              "retrain.decided_at": decided_at}  # fmt: skip
+    if decision.promote:
+        record |= {"promoted_at": decided_at, "previous_champion": _v(before)}
+    registry.tag_version(cfg.model_name, version, record)
+    after = version if decision.promote else _v(before)
+    tracking.set_tags({"retrain.decision": decision.word, "retrain.reason": decision.reason,
+                       "retrain.champion_after": after})  # fmt: skip
+
+
+def _v(version: registry.Version | None) -> str:
+    return "none" if version is None else version.version
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _gain(cfg: RetrainConfig, value: float, champ: float) -> float:
+    return value - champ if cfg.direction == "maximize" else champ - value
+
+
+class _Inference(torch.nn.Module):
+    """A module that stays in inference mode: exported (pt2) graphs refuse `.eval()`, and
+    `evaluate` calls it."""
+
+    def __init__(self, module) -> None:
+        super().__init__()
+        with contextlib.suppress(NotImplementedError):  # pt2: already in inference mode
+            module.eval()
+        self.module = module
+
+    def train(self, mode: bool = True) -> _Inference:
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def _evaluate(module, data) -> Evaluation:
+    """Cross-entropy loss and accuracy on the test split: the same yardstick for both models,
+    whatever loss each was trained with."""
+    test = data.splits["test"]
+    loss_fn = build_loss("cross_entropy")
+    x = to_model_input(test.images)
+    return evaluate(_Inference(module), x, test.labels, loss_fn, data.num_classes)
+
+
+def _evaluate_champion(name: str, version: str, data) -> Evaluation:
+    try:
+        return _evaluate(registry.load_model(name, version), data)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(
+            f"could not evaluate champion {name} v{version} on the current test split "
+            f"({reason}); the champion is unchanged"
+        ) from None
+
+
+def champion_train_config(version: registry.Version) -> TrainConfig:
+    """The train parameters the champion's own train run used (params are strings there)."""
+    params = registry.run_params(version.tags.get("source_run_id") or version.run_id)
+    known = {f.name for f in fields(TrainConfig)} - {"data"}
+    where = f"champion v{version.version} params"
+    return TrainConfig(
+        **{k: _coerce(where, k, v, TrainConfig) for k, v in params.items() if k in known}
+    )
+
+
+# --- after a crash, and the history -----------------------------------------------------
+
+
+def settle_crashed(name: str) -> None:
+    """Give every `pending` version (its retrain crashed) its final decision."""
+    current = registry.champion(name)
+    for v in registry.versions(name):
+        if v.decision != registry.PENDING:
+            continue
+        promoted = current is not None and current.version == v.version
+        tags = _settled_promote(v) if promoted else _SETTLED_ABANDONED
+        registry.tag_version(name, v.version, tags | {"retrain.decided_at": _now()})
+        word = tags[registry.DECISION]
+        print(f"retrain: {name} v{v.version} was left pending by a crash; now {word}")
+
+
+_SETTLED_ABANDONED = {
+    registry.DECISION: registry.ABANDONED,
+    "retrain.reason": "its retrain crashed before a decision; it was never champion",
+}
+
+
+def _settled_promote(v: registry.Version) -> dict[str, str]:
+    return {
+        registry.DECISION: registry.PROMOTE,
+        "promoted_at": _now(),
+        "previous_champion": v.tags.get("retrain.champion_version", "none"),
+        "retrain.reason": "promoted, but its retrain crashed before recording the decision",
+    }
+
+
+def history(name: str) -> tuple[registry.Version | None, list[registry.Version]]:
+    """(current champion, every version that went through a retrain decision, oldest first)."""
+    registry.require_model(name)
+    return registry.champion(name), [v for v in registry.versions(name) if v.decision]
