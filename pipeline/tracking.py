@@ -1,4 +1,4 @@
-"""Every MLflow call of the project lives here.
+"""Every MLflow tracking call of the project lives here (registry calls: registry.py).
 
 The loop reports to `MlflowTracker`, which queues points for a background thread that
 writes them with `log_batch`, so per-step logging costs the training thread a list append.
