@@ -202,7 +202,9 @@ def _grid(err: _Errors, doc: dict) -> list[dict[str, object]]:
             raise err("needs a 'grid' and/or a list of 'runs'; neither is given")
         return []
     grid = doc["grid"]
-    if not isinstance(grid, dict) or not grid:
+    if grid is not None and not isinstance(grid, dict):
+        raise err(f"key 'grid' must be a mapping of parameter: [values, ...], got {grid!r}")
+    if not grid:
         raise err("key 'grid' is empty; give it parameter: [values, ...] entries")
     err.unknown_keys(grid, TRAIN_KEYS, "grid")
     lists = {}
