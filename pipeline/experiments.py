@@ -149,6 +149,9 @@ def _prep(err: _Errors, value: object) -> PrepConfig:
     dataset = values.get("dataset", PrepConfig.dataset)
     if dataset not in DATASETS:
         raise err(f"data.dataset {dataset!r} is invalid; valid choices: {', '.join(DATASETS)}")
+    for key in ("val_fraction", "test_fraction"):
+        if key in values and not 0 < values[key] < 1:
+            raise err(f"data.{key} must be between 0 and 1 (exclusive), got {values[key]}")
     return PrepConfig(**values)
 
 

@@ -15,7 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.patches import Patch  # noqa: E402
 
+from pipeline.config import LOSSES, OPTIMIZERS  # noqa: E402
+
 LINE_STYLES = ("-", "--", ":", "-.")
+DIVERGED = 10.0  # a run whose (smoothed) loss ends this many times above its start
 
 
 @dataclass
@@ -28,9 +31,14 @@ class Series:
     points: list[tuple[int, float]]
 
 
+def _ordered(names: set[str], known: tuple[str, ...]) -> list[str]:
+    """`names` in the order config.py lists them (sgd, momentum, ... nadam), others last."""
+    return sorted(names, key=lambda n: (known.index(n) if n in known else len(known), n))
+
+
 def _styles(series: list[Series]) -> tuple[dict[str, object], dict[str, str]]:
-    optimizers = sorted({s.optimizer for s in series})
-    losses = sorted({s.loss for s in series})
+    optimizers = _ordered({s.optimizer for s in series}, OPTIMIZERS)
+    losses = _ordered({s.loss for s in series}, LOSSES)
     cmap = plt.get_cmap("tab10" if len(optimizers) <= 10 else "tab20")
     colors = {o: cmap(i % cmap.N) for i, o in enumerate(optimizers)}
     styles = {loss: LINE_STYLES[i % len(LINE_STYLES)] for i, loss in enumerate(losses)}
@@ -49,16 +57,25 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def loss_curves(series: list[Series], path: Path) -> None:
-    """Every run's train/loss against the step, on one log-scale chart."""
+    """Every run's train/loss against the step, on one log-scale chart.
+
+    A run whose loss ends far above where it started diverged; it is labelled so, and the
+    y axis is scaled to the other runs, so one blow-up does not flatten every other curve.
+    """
     colors, styles = _styles(series)
     longest = max((len(s.points) for s in series), default=1)
-    window = max(1, longest // 25)
+    window = max(1, longest // 15)
+    smoothed = {s.name: _smooth([p[1] for p in s.points], window) for s in series if s.points}
+    diverged = {n for n, v in smoothed.items() if not v[-1] < DIVERGED * v[0]}
     fig, ax = plt.subplots(figsize=(10, 6))
-    for s in series:
-        steps = [p[0] for p in s.points]
-        values = _smooth([p[1] for p in s.points], window)
-        ax.plot(steps, values, color=colors[s.optimizer], linestyle=styles[s.loss], label=s.name)
+    for s in (s for s in series if s.name in smoothed):
+        label = f"{s.name} (diverged)" if s.name in diverged else s.name
+        ax.plot([p[0] for p in s.points], smoothed[s.name], color=colors[s.optimizer],
+                linestyle=styles[s.loss], label=label)  # fmt: skip
     ax.set_yscale("log")
+    kept = [v for n, values in smoothed.items() if n not in diverged for v in values if v > 0]
+    if diverged and kept:
+        ax.set_ylim(min(kept) / 1.5, max(kept) * 3)
     smoothing = f", moving average of {window} logged steps" if window > 1 else ""
     ax.set(xlabel="step", ylabel="train/loss (log scale)",
            title=f"Training loss per step{smoothing}")  # fmt: skip
@@ -82,10 +99,10 @@ def metric_bars(series: list[Series], metric: str, path: Path) -> None:
     """`metric` per optimizer (groups) and loss (bars); the mean, with min-max whiskers when
     several runs (seeds) share an optimizer and loss."""
     colors, _ = _styles(series)
-    optimizers = sorted({s.optimizer for s in series})
-    losses = sorted({s.loss for s in series})
+    optimizers = _ordered({s.optimizer for s in series}, OPTIMIZERS)
+    losses = _ordered({s.loss for s in series}, LOSSES)
     width = 0.8 / len(losses)
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(optimizers) * len(losses)), 5.5))
+    fig, ax = plt.subplots(figsize=(max(8, 2 + 0.5 * len(optimizers) * len(losses)), 5.5))
     hatches = ("", "//", "..", "xx")
     for j, loss in enumerate(losses):
         for i, opt in enumerate(optimizers):

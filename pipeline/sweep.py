@@ -47,9 +47,10 @@ def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> lis
     if dry_run:
         print_plan(exp)
         return []
-    under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
+    if run_id := os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run is the parent
+        _check_mlflow_run_experiment(exp, run_id)
     experiment_id = tracking.ensure_experiment(exp.name)
-    resume = None if under_mlflow_run else tracking.find_unfinished_sweep(experiment_id, exp.digest)
+    resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
     with tracking.start_run(
         "sweep", f"sweep-{exp.path.stem}", experiment_id=experiment_id, run_id=resume
     ) as parent:
@@ -60,9 +61,10 @@ def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> lis
             [{"name": o.trial.name, "status": o.status, "run_id": o.run_id} for o in outcomes],
             "trials.json",
         )
-        from pipeline.compare import compare
+        if any(o.status != "failed" for o in outcomes):  # else there is nothing to compare
+            from pipeline.compare import compare
 
-        compare(parent.run_id, exp.metric, exp.direction)
+            compare(parent.run_id, exp.metric, exp.direction)
         _finish(exp, outcomes, parent.run_id)
     return outcomes
 
@@ -76,15 +78,18 @@ def print_plan(exp: Experiment) -> None:
         print(f"{i:3d}. {trial.name}  {values}")
 
 
+def _check_mlflow_run_experiment(exp: Experiment, run_id: str) -> None:
+    """`mlflow run` made the parent run already; its experiment must be the file's."""
+    name = tracking.experiment_name(tracking.experiment_of_run(run_id))
+    if name != exp.name:
+        raise PipelineError(
+            f"{exp.path} names experiment {exp.name!r} but `mlflow run` logs to {name!r}; "
+            f"add --experiment-name {exp.name}"
+        )
+
+
 def _start_parent(exp: Experiment, experiment_id: str, parallel: int, resume: str | None) -> None:
     """Tags, params and the experiment file itself on the parent run."""
-    name = tracking.experiment_name(experiment_id)
-    if name != exp.name:
-        print(
-            f"note: logging to experiment {name!r} (the run's), not {exp.name!r} from the "
-            f"file; pass --experiment-name {exp.name} to `mlflow run`",
-            file=sys.stderr,
-        )
     if resume:
         print(f"sweep: resuming run {resume}")
     tags = {tracking.SWEEP_FILE_TAG: exp.digest}

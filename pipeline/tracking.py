@@ -283,6 +283,10 @@ def experiment_name(experiment_id: str) -> str:
     return MlflowClient().get_experiment(experiment_id).name
 
 
+def experiment_of_run(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.experiment_id
+
+
 def find_unfinished_sweep(experiment_id: str, file_digest: str) -> str | None:
     """The newest sweep run of this file and code version that did not finish, to resume."""
     runs = MlflowClient().search_runs(

@@ -69,6 +69,8 @@ def _write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
          "grid.optimizer 'lbfgs' is invalid; valid choices: sgd, momentum"),
         ("experiment: x\nbase: {loss: hinge}\ngrid: {optimizer: [adam]}",
          "base.loss 'hinge' is invalid; valid choices: cross_entropy"),
+        ("experiment: x\ndata: {val_fraction: 1.5}\ngrid: {loss: [mse]}",
+         "data.val_fraction must be between 0 and 1 (exclusive), got 1.5"),
         ("experiment: x\ndata: {dataset: cifar}\ngrid: {loss: [mse]}",
          "data.dataset 'cifar' is invalid; valid choices: mnist-sample"),
         ("experiment: x\nbase: {epochs: two}\ngrid: {loss: [mse]}",
@@ -394,3 +396,35 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tracking, tmp_path, monk
     result = compare("tiny", metric="test/loss")
     assert result.direction == "min" and len(result.runs) == 1
     assert client.get_run(result.log_run_id).data.tags["pipeline.step"] == "compare"
+
+
+@pytest.mark.slow
+def test_mlflow_run_sweep_entry_point(tracking, tmp_path):
+    path = _write(tmp_path, VALID.replace("[adam, sgd]", "[adam]").replace("tiny", "entry"))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def mlflow_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "sweep",
+             f"-Pconfig={path}", *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    proc = mlflow_run()  # the run lands in Default, not the file's experiment
+    assert proc.returncode != 0
+    assert "names experiment 'entry' but `mlflow run` logs to 'Default'" in proc.stderr
+    client = MlflowClient(tracking)
+    assert [r.info.status for r in client.search_runs(["0"])] == ["FAILED"]
+
+    proc = mlflow_run("--experiment-name", "entry")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    experiment_id = client.get_experiment_by_name("entry").experiment_id
+    runs = _by_step(client, experiment_id)
+    (parent,) = runs["sweep"]
+    (trial,) = runs["train"]
+    assert parent.info.status == trial.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.project.entryPoint"] == "sweep"
+    assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    compared = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
+    assert compared == COMPARE_FILES
