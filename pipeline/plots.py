@@ -121,7 +121,7 @@ def metric_bars(series: list[Series], metric: str, path: Path) -> None:
     ax.margins(y=0.15)
     handles = [Patch(facecolor="white", edgecolor="black", hatch=hatches[j % len(hatches)],
                      label=loss) for j, loss in enumerate(losses)]  # fmt: skip
-    ax.legend(handles=handles, title="loss")
+    ax.legend(handles=handles, title="loss", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -190,7 +190,8 @@ def _spawn(
          "parent_run_id": parent_id}
     )  # fmt: skip
     root = str(Path(pipeline.__file__).resolve().parent.parent)  # the code this sweep runs
-    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = str(max(1, (cpus or 1) // parallel))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
     env |= {
         "PYTHONPATH": os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])),
