@@ -23,12 +23,14 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.experiments import DIRECTIONS, TRAIN_KEYS, default_direction
 
 PARAM_KEYS = (*TRAIN_KEYS, "effective_lr", "effective_momentum")
 METRIC_COLUMNS = ("test/accuracy", "test/loss", "val/accuracy", "train/loss", "time/loop_seconds")
 ARTIFACT_DIR = "compare"
+BAR_GROUPED = ("optimizer", "loss", "seed", "effective_lr", "effective_momentum")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -218,7 +220,7 @@ def _write_artifacts(client: MlflowClient, c: Comparison, run_id: str, out: Path
     plots.val_accuracy(_series(client, c.runs, "val/accuracy"), folder / "val_accuracy.png")
     finals = [
         plots.Series(r.info.run_name, r.data.params.get("optimizer", "?"),
-                     r.data.params.get("loss", "?"), [(0, r.data.metrics[c.metric])])
+                     _bar_label(r, c.params), [(0, r.data.metrics[c.metric])])
         for r in c.runs
         if c.metric in r.data.metrics
     ]  # fmt: skip
@@ -231,6 +233,19 @@ def _write_artifacts(client: MlflowClient, c: Comparison, run_id: str, out: Path
         for name, path in c.files.items():
             shutil.copy(path, out / name)
     print(f"compare: tables and plots logged to run {run_id} under {ARTIFACT_DIR}/")
+
+
+def _bar_label(run: Run, varying: list[str]) -> str:
+    """The loss, plus any other varying param not at its default (`cross_entropy
+    label_smoothing=0.1`), so bars average over seeds only, never over settings."""
+    defaults = TrainConfig()
+    extra = [
+        f"{p}={run.data.params.get(p)}"
+        for p in varying
+        if p not in BAR_GROUPED
+        and run.data.params.get(p) != str(getattr(defaults, p)).replace("None", "auto")
+    ]
+    return " ".join([run.data.params.get("loss", "?"), *extra])
 
 
 def _series(client: MlflowClient, runs: list[Run], key: str):

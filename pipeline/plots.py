@@ -96,14 +96,14 @@ def val_accuracy(series: list[Series], path: Path) -> None:
 
 
 def metric_bars(series: list[Series], metric: str, path: Path) -> None:
-    """`metric` per optimizer (groups) and loss (bars); the mean, with min-max whiskers when
-    several runs (seeds) share an optimizer and loss."""
+    """`metric` per optimizer (groups) and loss (bars: `Series.loss` may name more settings);
+    the mean, with min-max whiskers when several runs (seeds) share a bar."""
     colors, _ = _styles(series)
     optimizers = _ordered({s.optimizer for s in series}, OPTIMIZERS)
     losses = _ordered({s.loss for s in series}, LOSSES)
     width = 0.8 / len(losses)
     fig, ax = plt.subplots(figsize=(max(8, 2 + 0.5 * len(optimizers) * len(losses)), 5.5))
-    hatches = ("", "//", "..", "xx")
+    hatches = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
     for j, loss in enumerate(losses):
         for i, opt in enumerate(optimizers):
             values = [s.points[-1][1] for s in series if (s.optimizer, s.loss) == (opt, loss)]
@@ -114,10 +114,12 @@ def metric_bars(series: list[Series], metric: str, path: Path) -> None:
             err = [[mean - min(values)], [max(values) - mean]] if len(values) > 1 else None
             ax.bar(x, mean, width, yerr=err, capsize=3, color=colors[opt], edgecolor="black",
                    hatch=hatches[j % len(hatches)])  # fmt: skip
-            ax.annotate(f"{mean:.3f}", (x, mean), ha="center", va="bottom", fontsize=7,
+            ax.annotate(f"{mean:.3f}", (x, max(values)), ha="center", va="bottom", fontsize=7,
                         rotation=90, xytext=(0, 3), textcoords="offset points")  # fmt: skip
     ax.set_xticks(range(len(optimizers)), optimizers, rotation=30, ha="right")
-    ax.set(ylabel=metric, title=f"Final {metric} by optimizer and loss")
+    several = len({(s.optimizer, s.loss) for s in series}) < len(series)
+    note = "\n(mean over seeds; whiskers: min to max)" if several else ""
+    ax.set(ylabel=metric, title=f"Final {metric} by optimizer and loss{note}")
     ax.margins(y=0.15)
     handles = [Patch(facecolor="white", edgecolor="black", hatch=hatches[j % len(hatches)],
                      label=loss) for j, loss in enumerate(losses)]  # fmt: skip
