@@ -141,7 +141,14 @@ def run_train(
         system_metrics=True,
     ) as run:
         tracking.log_params(params)
-        tracking.set_tags({"device": str(device), "device_name": device_name(device)})
+        tracking.set_tags(
+            {
+                "device": str(device),
+                "device_name": device_name(device),
+                # CPU results change with the thread count (float summation order).
+                "torch_num_threads": str(torch.get_num_threads()),
+            }
+        )
         console = ConsoleReporter(cfg.epochs * steps_per_epoch, cfg.print_every)
         tracker = Fanout([run.tracker, console])
         t_loop = time.perf_counter()
