@@ -402,7 +402,9 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tracking, tmp_path, monk
 
 @pytest.mark.slow
 def test_mlflow_run_sweep_entry_point(tracking, tmp_path):
-    path = _write(tmp_path, VALID.replace("[adam, sgd]", "[adam]").replace("tiny", "entry"))
+    # `mlflow run` works in the project folder: keep the prepared data out of it.
+    text = VALID.replace("[adam, sgd]", "[adam]").replace("tiny", "entry")
+    path = _write(tmp_path, f"{text}\ndata: {{data_dir: {tmp_path / 'data'}}}\n")
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
