@@ -219,6 +219,58 @@ def champion(name: str) -> None:
         )
 
 
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Trials run at once, each in its own process.",
+)
+@click.option("--dry-run", is_flag=True, help="List the trials without running them.")
+def sweep(file: str, parallel: int, dry_run: bool) -> None:
+    """sweep: every trial of an experiment file (experiments/*.yaml) as child runs."""
+    from pipeline.sweep import run_sweep
+
+    run_sweep(file, parallel, dry_run)
+
+
+@cli.command()
+@click.argument("target")
+@click.option(
+    "--metric", default=None, help="Rank by this metric. [default: the sweep's, else test/accuracy]"
+)
+@click.option(
+    "--direction",
+    type=click.Choice(["max", "min"]),
+    default=None,
+    help="[default: min for losses and times, else max]",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write the tables and plots to this folder.",
+)
+def compare(target: str, metric: str | None, direction: str | None, out: str | None) -> None:
+    """compare: rank the train runs of an EXPERIMENT or a sweep's PARENT_RUN_ID."""
+    from pathlib import Path
+
+    from pipeline.compare import compare as run_compare
+
+    run_compare(target, metric, direction, Path(out) if out else None)
+
+
+@cli.command(hidden=True)
+@click.argument("spec")
+def trial(spec: str) -> None:
+    """One sweep trial from a JSON spec; what `sweep --parallel` starts in each process."""
+    from pipeline.sweep import run_trial_spec
+
+    run_trial_spec(spec)
+
+
 def entry() -> None:
     """Run the CLI; every error is one line on stderr and a non-zero exit status."""
     try:

@@ -92,8 +92,18 @@ def resolve_data(ref: str) -> tuple[Path, str]:
     return tracking.prepared_file_of(ref)
 
 
-def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | None = None):
-    """Train, evaluate and log one model; returns its run id and test metrics."""
+def run_train(
+    cfg: TrainConfig,
+    *,
+    nested: bool = False,
+    experiment_id: str | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+):
+    """Train, evaluate and log one model; returns its run id and test metrics.
+
+    `parent_run_id` nests the run under a run of another process (a sweep's parallel trials).
+    """
     t0 = time.perf_counter()
     lr, momentum = validate_train(cfg)
     device = resolve_device(cfg.device)
@@ -124,10 +134,22 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
         "train_size": len(y["train"]),
     }
     with tracking.start_run(
-        "train", cfg.run_name, nested=nested, experiment_id=experiment_id, system_metrics=True
+        "train",
+        run_name or cfg.run_name,
+        nested=nested,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        system_metrics=True,
     ) as run:
         tracking.log_params(params)
-        tracking.set_tags({"device": str(device), "device_name": device_name(device)})
+        tracking.set_tags(
+            {
+                "device": str(device),
+                "device_name": device_name(device),
+                # CPU results change with the thread count (float summation order).
+                "torch_num_threads": str(torch.get_num_threads()),
+            }
+        )
         console = ConsoleReporter(cfg.epochs * steps_per_epoch, cfg.print_every)
         tracker = Fanout([run.tracker, console])
         t_loop = time.perf_counter()
@@ -172,22 +194,33 @@ def _requested(cfg: TrainConfig) -> dict[str, object]:
     return params
 
 
+def requested_params(cfg: TrainConfig) -> dict[str, str]:
+    """Train params as a train run logs them (strings), to find a run with the same ones."""
+    return {k: "none" if v is None else str(v) for k, v in _requested(cfg).items()}
+
+
+def prep_or_reuse(prep: PrepConfig, experiment_id: str) -> PrepResult:
+    """A FINISHED data_prep run with these params whose file is still there, else a new one
+    as a child of the active run."""
+    found = tracking.find_prep_run(experiment_id, prep.params())
+    if found is not None and Path(found.data.params["data_path"]).is_file():
+        prepared = PrepResult(
+            found.info.run_id,
+            Path(found.data.params["data_path"]),
+            found.data.params["data_digest"],
+            reused=True,
+        )
+        print(f"data_prep: reusing run {prepared.run_id} ({prepared.path})")
+        return prepared
+    return run_prep(prep, nested=True, experiment_id=experiment_id)
+
+
 def run_main(prep: PrepConfig, train: TrainConfig) -> TrainResult:
     """data_prep then train as child runs of one parent; a matching data_prep run is reused."""
     validate_train(train)
     with tracking.start_run("main", f"main-{train.run_name}") as parent:
         tracking.log_params(prep.params() | _requested(train))
-        found = tracking.find_prep_run(parent.experiment_id, prep.params())
-        if found is not None and Path(found.data.params["data_path"]).is_file():
-            prepared = PrepResult(
-                found.info.run_id,
-                Path(found.data.params["data_path"]),
-                found.data.params["data_digest"],
-                reused=True,
-            )
-            print(f"data_prep: reusing run {prepared.run_id} ({prepared.path})")
-        else:
-            prepared = run_prep(prep, nested=True, experiment_id=parent.experiment_id)
+        prepared = prep_or_reuse(prep, parent.experiment_id)
         tracking.set_tags(
             {"data_prep_run_id": prepared.run_id, "data_prep_reused": str(prepared.reused)}
         )

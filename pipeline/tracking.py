@@ -28,6 +28,7 @@ from pipeline.loop import StepLog
 
 STEP_TAG = "pipeline.step"
 CODE_VERSION_TAG = "pipeline.code_version"
+SWEEP_FILE_TAG = "pipeline.sweep_file_sha256"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default of 10 s leaves short runs with no samples
 
@@ -146,18 +147,23 @@ def start_run(
     nested: bool = False,
     experiment_id: str | None = None,
     system_metrics: bool = False,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
 ) -> Iterator[Run]:
     """Open a run and always close it: FINISHED, FAILED on an exception, KILLED on a signal.
 
-    Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is resumed instead.
+    Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is resumed instead, as is
+    `run_id` when given. `parent_run_id` nests the run under a run of another process.
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     if system_metrics:
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     active = mlflow.start_run(
+        run_id=run_id,
         run_name=run_name,
         nested=nested,
         experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
         log_system_metrics=system_metrics,
     )
     run_id = active.info.run_id
@@ -220,20 +226,94 @@ def _local_source(path: Path):
 
 def find_prep_run(experiment_id: str, params: dict[str, str]) -> mlflow.entities.Run | None:
     """The newest FINISHED data_prep run of this code version with exactly these params."""
-    runs = MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=(
-            f"tags.`{STEP_TAG}` = 'data_prep' and tags.`{CODE_VERSION_TAG}` = '{code_version()}'"
-            " and attributes.status = 'FINISHED'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=50,
-    )
-    for run in runs:
+    return find_finished_run(experiment_id, "data_prep", params)
+
+
+def find_finished_run(
+    experiment_id: str, step: str, params: dict[str, str], max_results: int = 50
+) -> mlflow.entities.Run | None:
+    """The newest FINISHED `step` run of this code version with exactly these params."""
+    for run in finished_runs(experiment_id, step, max_results):
         # MLflow stores params as strings, so compare them as strings.
         if all(run.data.params.get(k) == v for k, v in params.items()):
             return run
     return None
+
+
+def finished_runs(
+    experiment_id: str, step: str, max_results: int = 5000
+) -> list[mlflow.entities.Run]:
+    """FINISHED `step` runs of this code version, newest first."""
+    return MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{STEP_TAG}` = '{step}' and tags.`{CODE_VERSION_TAG}` = '{code_version()}'"
+            " and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name`, created now if missing.
+
+    Created up front by the one sweep process: several processes calling `set_experiment`
+    for a new name race, and all but one end up logging to "Default".
+    """
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage != "active":
+            raise PipelineError(
+                f"experiment {name!r} is deleted; restore it (mlflow experiments restore) "
+                "or choose another name"
+            )
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:
+        found = client.get_experiment_by_name(name)  # another process created it first
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def experiment_name(experiment_id: str) -> str:
+    return MlflowClient().get_experiment(experiment_id).name
+
+
+def experiment_of_run(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.experiment_id
+
+
+def find_unfinished_sweep(experiment_id: str, file_digest: str) -> str | None:
+    """The newest sweep run of this file and code version that did not finish, to resume."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{STEP_TAG}` = 'sweep' and tags.`{CODE_VERSION_TAG}` = '{code_version()}'"
+            f" and tags.`{SWEEP_FILE_TAG}` = '{file_digest}'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if runs and runs[0].info.status != "FINISHED":
+        return runs[0].info.run_id
+    return None
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_dict(obj: object, artifact_file: str) -> None:
+    mlflow.log_dict(obj, artifact_file)
+
+
+def tracking_uri() -> str:
+    """The store in use, so child processes log to the same one."""
+    return mlflow.get_tracking_uri()
 
 
 def prepared_file_of(run_id: str) -> tuple[Path, str]:

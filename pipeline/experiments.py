@@ -1,0 +1,289 @@
+"""Experiment files: a YAML sweep of training runs, loaded and checked before anything runs.
+
+A file names the MLflow experiment, a `base` of TrainConfig values, a `grid` (cartesian
+product) and/or explicit `runs`, optional `seeds`, optional `data` (PrepConfig values) and the
+metric to rank by. Every problem is a one-line PipelineError naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import typing
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import (
+    DATASETS,
+    DEVICES,
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    PrepConfig,
+    TrainConfig,
+)
+from pipeline.errors import PipelineError
+from pipeline.steps import validate_train
+
+TOP_KEYS = ("experiment", "description", "data", "base", "grid", "runs", "seeds", "metric",
+            "direction")  # fmt: skip
+RANK_METRICS = (
+    "test/accuracy",
+    "test/loss",
+    "val/accuracy",
+    "val/loss",
+    "train/accuracy",
+    "train/loss",
+    "time/loop_seconds",
+    "time/samples_per_second",
+)
+DIRECTIONS = ("max", "min")
+CHOICES = {"optimizer": OPTIMIZERS, "loss": LOSSES, "model": MODELS, "device": DEVICES}
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "data")
+PREP_KEYS = tuple(f.name for f in fields(PrepConfig))
+NAME_KEYS = ("optimizer", "loss", "model")  # always in a trial's name, in this order
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training run of a sweep: its name and the full config (data filled in later)."""
+
+    name: str
+    config: TrainConfig
+    overrides: dict[str, object]  # what the file set for this trial, base included
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment file."""
+
+    path: Path
+    name: str
+    description: str
+    prep: PrepConfig
+    trials: list[Trial]
+    metric: str
+    direction: str
+    digest: str  # sha256 of the file's bytes: identifies the sweep for resuming
+    text: str
+
+
+def default_direction(metric: str) -> str:
+    """Losses and times are minimised, everything else maximised."""
+    return "min" if "loss" in metric or metric.endswith("seconds") else "max"
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read, parse and validate `path`; raises PipelineError naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"experiment file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise PipelineError(f"{path}: not valid YAML{where}: {problem}") from None
+    return _parse(path, text, doc)
+
+
+def _parse(path: Path, text: str, doc: object) -> Experiment:
+    err = _Errors(path)
+    if not isinstance(doc, dict):
+        raise err("the file must be a mapping with keys experiment, base, grid/runs, ...")
+    err.unknown_keys(doc, TOP_KEYS, "the top level")
+    name = doc.get("experiment")
+    if not isinstance(name, str) or not name.strip():
+        raise err("key 'experiment' must be a non-empty string naming the MLflow experiment")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise err("key 'description' must be a string")
+    metric = doc.get("metric", "test/accuracy")
+    if metric not in RANK_METRICS:
+        raise err(f"metric {metric!r} is not rankable; valid choices: {', '.join(RANK_METRICS)}")
+    direction = doc.get("direction", default_direction(metric))
+    if direction not in DIRECTIONS:
+        raise err(f"direction {direction!r} is invalid; valid choices: {', '.join(DIRECTIONS)}")
+    prep = _prep(err, doc.get("data", {}))
+    base = _values(err, _mapping(err, doc.get("base", {}), "base"), "base")
+    combos = _grid(err, doc) + _runs(err, doc)
+    seeds = _seeds(err, doc, base, combos)
+    trials = _trials(err, base, combos, seeds)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return Experiment(path, name, description, prep, trials, metric, direction, digest, text)
+
+
+class _Errors:
+    """Builds the one-line errors, each starting with the file name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, message: str) -> PipelineError:
+        return PipelineError(f"{self.path}: {message}")
+
+    def unknown_keys(self, mapping: dict, valid: tuple[str, ...], where: str) -> None:
+        for key in mapping:
+            if key not in valid:
+                raise self(f"unknown key {key!r} in {where}; valid keys: {', '.join(valid)}")
+
+
+def _mapping(err: _Errors, value: object, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise err(f"key {where!r} must be a mapping of parameter: value")
+    return value
+
+
+def _prep(err: _Errors, value: object) -> PrepConfig:
+    """The optional `data` section: PrepConfig values shared by every trial."""
+    data = _mapping(err, value, "data")
+    err.unknown_keys(data, PREP_KEYS, "data")
+    hints = typing.get_type_hints(PrepConfig)
+    values = {k: _convert(err, f"data.{k}", v, hints[k]) for k, v in data.items()}
+    dataset = values.get("dataset", PrepConfig.dataset)
+    if dataset not in DATASETS:
+        raise err(f"data.dataset {dataset!r} is invalid; valid choices: {', '.join(DATASETS)}")
+    for key in ("val_fraction", "test_fraction"):
+        if key in values and not 0 < values[key] < 1:
+            raise err(f"data.{key} must be between 0 and 1 (exclusive), got {values[key]}")
+    return PrepConfig(**values)
+
+
+def _values(err: _Errors, mapping: dict, where: str) -> dict[str, object]:
+    """TrainConfig values from one mapping, each checked for name, type and choice."""
+    if "data" in mapping:
+        raise err(f"key 'data' in {where} is set by the sweep; put PrepConfig values under "
+                  "the top-level 'data' key")  # fmt: skip
+    err.unknown_keys(mapping, TRAIN_KEYS, where)
+    return {k: _train_value(err, f"{where}.{k}", k, v) for k, v in mapping.items()}
+
+
+def _train_value(err: _Errors, where: str, key: str, value: object) -> object:
+    value = _convert(err, where, value, typing.get_type_hints(TrainConfig)[key])
+    if key in CHOICES and value not in CHOICES[key]:
+        raise err(f"{where} {value!r} is invalid; valid choices: {', '.join(CHOICES[key])}")
+    return value
+
+
+def _convert(err: _Errors, where: str, value: object, kind: object) -> object:
+    """`value` as the dataclass field type `kind`; YAML's text-looking numbers are accepted."""
+    optional = kind == (float | None)
+    if optional and (value is None or (isinstance(value, str) and value.lower() == "auto")):
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise err(f"{where} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise err(f"{where} must be an integer, got {value!r}")
+    if kind is float or optional:
+        # PyYAML reads `1e-3` (no dot) as text, so numeric text is taken as the number it is.
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        extra = " or 'auto'" if optional else ""
+        raise err(f"{where} must be a number{extra}, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise err(f"{where} must be a string, got {value!r}")
+
+
+def _grid(err: _Errors, doc: dict) -> list[dict[str, object]]:
+    """The cartesian product of the grid's lists, keys in file order."""
+    if "grid" not in doc:
+        if "runs" not in doc:
+            raise err("needs a 'grid' and/or a list of 'runs'; neither is given")
+        return []
+    grid = doc["grid"]
+    if grid is not None and not isinstance(grid, dict):
+        raise err(f"key 'grid' must be a mapping of parameter: [values, ...], got {grid!r}")
+    if not grid:
+        raise err("key 'grid' is empty; give it parameter: [values, ...] entries")
+    err.unknown_keys(grid, TRAIN_KEYS, "grid")
+    lists = {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise err(f"grid.{key} must be a non-empty list of values, got {values!r}")
+        lists[key] = [_train_value(err, f"grid.{key}", key, v) for v in values]
+    return [dict(zip(lists, combo, strict=True)) for combo in itertools.product(*lists.values())]
+
+
+def _runs(err: _Errors, doc: dict) -> list[dict[str, object]]:
+    runs = doc.get("runs", [])
+    if not isinstance(runs, list) or ("runs" in doc and not runs):
+        raise err("key 'runs' must be a non-empty list of parameter mappings")
+    out = []
+    for i, run in enumerate(runs):
+        out.append(_values(err, _mapping(err, run, f"runs[{i}]"), f"runs[{i}]"))
+    return out
+
+
+def _seeds(err: _Errors, doc: dict, base: dict, combos: list[dict]) -> list[int] | None:
+    if "seeds" not in doc:
+        return None
+    seeds = doc["seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        raise err("key 'seeds' must be a non-empty list of integers")
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise err(f"seeds must be integers, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise err(f"seeds {seeds} repeat a value")
+    if "seed" in base or any("seed" in c for c in combos):
+        raise err("key 'seed' is set in base, grid or runs and also by 'seeds'; use one")
+    return seeds
+
+
+def _trials(err: _Errors, base: dict, combos: list[dict], seeds: list[int] | None) -> list[Trial]:
+    """Every combination over `base`, once per seed, each validated as a whole config."""
+    settings = [{**base, **c} for c in combos]
+    if seeds is not None:
+        settings = [{**s, "seed": seed} for s in settings for seed in seeds]
+    varying = _varying_keys(settings)
+    trials, names = [], set()
+    for values in settings:
+        config = replace(TrainConfig(), **values)
+        name = _trial_name(config, varying, seeds is not None)
+        if name in names:
+            raise err(f"trial {name!r} is listed twice (grid and runs give the same values)")
+        names.add(name)
+        try:
+            validate_train(config)
+        except PipelineError as exc:
+            raise err(f"trial {name!r}: {exc}") from None
+        trials.append(Trial(name, config, values))
+    return trials
+
+
+def _varying_keys(settings: list[dict]) -> list[str]:
+    """Keys, other than the name keys, whose value differs between trials."""
+    keys = dict.fromkeys(k for s in settings for k in s)
+    default = TrainConfig()
+    return [
+        k
+        for k in keys
+        if k not in NAME_KEYS and len({repr(s.get(k, getattr(default, k))) for s in settings}) > 1
+    ]
+
+
+def _trial_name(config: TrainConfig, varying: list[str], seeded: bool) -> str:
+    """e.g. `adam-mse-seed_cnn-seed1`, with every other varying key as `-keyVALUE`."""
+    parts = [str(getattr(config, k)) for k in NAME_KEYS]
+    parts += [f"{k}{_short(getattr(config, k))}" for k in varying if k != "seed"]
+    if seeded or "seed" in varying:
+        parts.append(f"seed{config.seed}")
+    return "-".join(parts)
+
+
+def _short(value: object) -> str:
+    return "auto" if value is None else f"{value:g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,137 @@
+"""The comparison charts, drawn with matplotlib's file-only Agg backend; no MLflow here.
+
+Colour tells the optimizer and line style the loss, the same in every chart.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from matplotlib.patches import Patch  # noqa: E402
+
+from pipeline.config import LOSSES, OPTIMIZERS  # noqa: E402
+
+LINE_STYLES = ("-", "--", ":", "-.")
+DIVERGED = 10.0  # a run whose (smoothed) loss ends this many times above its start
+
+
+@dataclass
+class Series:
+    """One run's curve (or single final value) with what it is labelled and coloured by."""
+
+    name: str
+    optimizer: str
+    loss: str
+    points: list[tuple[int, float]]
+
+
+def _ordered(names: set[str], known: tuple[str, ...]) -> list[str]:
+    """`names` in the order config.py lists them (sgd, momentum, ... nadam), others last."""
+    return sorted(names, key=lambda n: (known.index(n) if n in known else len(known), n))
+
+
+def _styles(series: list[Series]) -> tuple[dict[str, object], dict[str, str]]:
+    optimizers = _ordered({s.optimizer for s in series}, OPTIMIZERS)
+    losses = _ordered({s.loss for s in series}, LOSSES)
+    cmap = plt.get_cmap("tab10" if len(optimizers) <= 10 else "tab20")
+    colors = {o: cmap(i % cmap.N) for i, o in enumerate(optimizers)}
+    styles = {loss: LINE_STYLES[i % len(LINE_STYLES)] for i, loss in enumerate(losses)}
+    return colors, styles
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average: per-batch losses are too noisy to compare raw."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss_curves(series: list[Series], path: Path) -> None:
+    """Every run's train/loss against the step, on one log-scale chart.
+
+    A run whose loss ends far above where it started diverged; it is labelled so, and the
+    y axis is scaled to the other runs, so one blow-up does not flatten every other curve.
+    """
+    colors, styles = _styles(series)
+    longest = max((len(s.points) for s in series), default=1)
+    window = max(1, longest // 15)
+    smoothed = {s.name: _smooth([p[1] for p in s.points], window) for s in series if s.points}
+    diverged = {n for n, v in smoothed.items() if not v[-1] < DIVERGED * v[0]}
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for s in (s for s in series if s.name in smoothed):
+        label = f"{s.name} (diverged)" if s.name in diverged else s.name
+        ax.plot([p[0] for p in s.points], smoothed[s.name], color=colors[s.optimizer],
+                linestyle=styles[s.loss], label=label)  # fmt: skip
+    ax.set_yscale("log")
+    kept = [v for n, values in smoothed.items() if n not in diverged for v in values if v > 0]
+    if diverged and kept:
+        ax.set_ylim(min(kept) / 1.5, max(kept) * 3)
+    smoothing = f", moving average of {window} logged steps" if window > 1 else ""
+    ax.set(xlabel="step", ylabel="train/loss (log scale)",
+           title=f"Training loss per step{smoothing}")  # fmt: skip
+    _finish(fig, ax, path)
+
+
+def val_accuracy(series: list[Series], path: Path) -> None:
+    """Every run's val/accuracy after each epoch."""
+    colors, styles = _styles(series)
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for s in series:
+        ax.plot([p[0] for p in s.points], [p[1] for p in s.points], marker="o",
+                color=colors[s.optimizer], linestyle=styles[s.loss], label=s.name)  # fmt: skip
+    epochs = sorted({p[0] for s in series for p in s.points})
+    ax.set_xticks(epochs)
+    ax.set(xlabel="epoch", ylabel="val/accuracy", title="Validation accuracy per epoch")
+    _finish(fig, ax, path)
+
+
+def metric_bars(series: list[Series], metric: str, path: Path) -> None:
+    """`metric` per optimizer (groups) and loss (bars: `Series.loss` may name more settings);
+    the mean, with min-max whiskers when several runs (seeds) share a bar."""
+    colors, _ = _styles(series)
+    optimizers = _ordered({s.optimizer for s in series}, OPTIMIZERS)
+    losses = _ordered({s.loss for s in series}, LOSSES)
+    width = 0.8 / len(losses)
+    fig, ax = plt.subplots(figsize=(max(8, 2 + 0.5 * len(optimizers) * len(losses)), 5.5))
+    hatches = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
+    for j, loss in enumerate(losses):
+        for i, opt in enumerate(optimizers):
+            values = [s.points[-1][1] for s in series if (s.optimizer, s.loss) == (opt, loss)]
+            if not values:
+                continue
+            mean = statistics.fmean(values)
+            x = i + (j - (len(losses) - 1) / 2) * width
+            err = [[mean - min(values)], [max(values) - mean]] if len(values) > 1 else None
+            ax.bar(x, mean, width, yerr=err, capsize=3, color=colors[opt], edgecolor="black",
+                   hatch=hatches[j % len(hatches)])  # fmt: skip
+            ax.annotate(f"{mean:.3f}", (x, max(values)), ha="center", va="bottom", fontsize=7,
+                        rotation=90, xytext=(0, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xticks(range(len(optimizers)), optimizers, rotation=30, ha="right")
+    several = len({(s.optimizer, s.loss) for s in series}) < len(series)
+    note = "\n(mean over seeds; whiskers: min to max)" if several else ""
+    ax.set(ylabel=metric, title=f"Final {metric} by optimizer and loss{note}")
+    ax.margins(y=0.15)
+    handles = [Patch(facecolor="white", edgecolor="black", hatch=hatches[j % len(hatches)],
+                     label=loss) for j, loss in enumerate(losses)]  # fmt: skip
+    ax.legend(handles=handles, title="loss", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _finish(fig, ax, path: Path) -> None:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,252 @@
+"""`pipeline sweep`: every trial of an experiment file as a child run of one parent run.
+
+The experiment is created up front, data_prep runs once (or is reused) and is shared, trials
+that already finished with the same params, data and code are skipped, a failed trial is
+recorded FAILED and the sweep goes on. Trials run in this process, or with `parallel` > 1 in
+that many `pipeline trial` child processes, each nesting its run under the parent by id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pipeline
+from pipeline import tracking
+from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.experiments import Experiment, Trial, load_experiment
+from pipeline.steps import PrepResult, prep_or_reuse, requested_params, run_train
+
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class Outcome:
+    """What became of one trial: ran, skipped (already finished) or failed."""
+
+    trial: Trial
+    status: str
+    run_id: str | None = None
+    message: str = ""
+
+
+def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> list[Outcome]:
+    """Run the experiment file at `path`; raises PipelineError naming any failed trials."""
+    if parallel < 1:
+        raise PipelineError(f"--parallel must be >= 1, got {parallel}")
+    exp = load_experiment(path)
+    if dry_run:
+        print_plan(exp)
+        return []
+    if run_id := os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run is the parent
+        _check_mlflow_run_experiment(exp, run_id)
+    experiment_id = tracking.ensure_experiment(exp.name)
+    resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
+    with tracking.start_run(
+        "sweep", f"sweep-{exp.path.stem}", experiment_id=experiment_id, run_id=resume
+    ) as parent:
+        _start_parent(exp, parent.experiment_id, parallel, resume)
+        prepared = prep_or_reuse(exp.prep, parent.experiment_id)
+        outcomes = _run_trials(exp, prepared, parent.experiment_id, parent.run_id, parallel)
+        tracking.log_dict(
+            [{"name": o.trial.name, "status": o.status, "run_id": o.run_id} for o in outcomes],
+            "trials.json",
+        )
+        if any(o.status != "failed" for o in outcomes):  # else there is nothing to compare
+            from pipeline.compare import compare
+
+            compare(parent.run_id, exp.metric, exp.direction)
+        _finish(exp, outcomes, parent.run_id)
+    return outcomes
+
+
+def print_plan(exp: Experiment) -> None:
+    """The trials a sweep would run, one per line, with what the file sets for each."""
+    print(f"experiment {exp.name!r}: {len(exp.trials)} trials, ranked by {exp.metric} "
+          f"({exp.direction}); data: {exp.prep.dataset}")  # fmt: skip
+    for i, trial in enumerate(exp.trials, 1):
+        values = " ".join(f"{k}={v}" for k, v in trial.overrides.items())
+        print(f"{i:3d}. {trial.name}  {values}")
+
+
+def _check_mlflow_run_experiment(exp: Experiment, run_id: str) -> None:
+    """`mlflow run` made the parent run already; its experiment must be the file's."""
+    name = tracking.experiment_name(tracking.experiment_of_run(run_id))
+    if name != exp.name:
+        raise PipelineError(
+            f"{exp.path} names experiment {exp.name!r} but `mlflow run` logs to {name!r}; "
+            f"add --experiment-name {exp.name}"
+        )
+
+
+def _start_parent(exp: Experiment, experiment_id: str, parallel: int, resume: str | None) -> None:
+    """Tags, params and the experiment file itself on the parent run."""
+    if resume:
+        print(f"sweep: resuming run {resume}")
+    tags = {tracking.SWEEP_FILE_TAG: exp.digest}
+    tracking.set_tags(tags | ({"mlflow.note.content": exp.description} if exp.description else {}))
+    tracking.log_params(
+        {"experiment_file": exp.path.name, "n_trials": len(exp.trials), "metric": exp.metric,
+         "direction": exp.direction, "parallel": parallel, **exp.prep.params()}
+    )  # fmt: skip
+    tracking.log_artifact(exp.path, "experiment")
+
+
+def _run_trials(
+    exp: Experiment, prepared: PrepResult, experiment_id: str, parent_id: str, parallel: int
+) -> list[Outcome]:
+    """Skip the finished trials, run the rest, and return an outcome per trial in file order."""
+    trials = [replace(t, config=replace(t.config, data=str(prepared.path))) for t in exp.trials]
+    done = tracking.finished_runs(experiment_id, "train")
+    outcomes: dict[str, Outcome] = {}
+    for trial in trials:
+        wanted = requested_params(trial.config) | {"data_digest": prepared.digest}
+        found = next((r for r in done if _matches(r.data.params, wanted)), None)
+        if found is not None:
+            outcomes[trial.name] = Outcome(trial, "skipped", found.info.run_id)
+    pending = [t for t in trials if t.name not in outcomes]
+    print(
+        f"sweep {exp.name!r}: {len(trials)} trials, {len(outcomes)} already finished, "
+        f"{len(pending)} to run" + (f" in {parallel} processes" if parallel > 1 else "")
+    )
+    if parallel == 1:
+        ran = _run_here(pending, experiment_id)
+    else:
+        ran = _run_in_processes(pending, experiment_id, parent_id, parallel)
+    outcomes.update({o.trial.name: o for o in ran})
+    return [outcomes[t.name] for t in trials]
+
+
+def _matches(params: dict[str, str], wanted: dict[str, str]) -> bool:
+    """MLflow keeps params as strings, so compare them as strings."""
+    return all(params.get(k) == v for k, v in wanted.items())
+
+
+def _run_here(trials: list[Trial], experiment_id: str) -> list[Outcome]:
+    """Each trial as a nested run in this process; a failure is recorded and the sweep goes on."""
+    outcomes = []
+    for i, trial in enumerate(trials, 1):
+        print(f"[{i}/{len(trials)}] {trial.name}")
+        try:
+            result = run_train(
+                trial.config, nested=True, experiment_id=experiment_id, run_name=trial.name
+            )
+        except Exception as exc:  # any failure of one trial; KeyboardInterrupt stops the sweep
+            traceback.print_exc()
+            outcomes.append(Outcome(trial, "failed", message=_first_line(exc)))
+            print(f"[{i}/{len(trials)}] {trial.name} FAILED: {_first_line(exc)}", file=sys.stderr)
+            continue
+        outcomes.append(Outcome(trial, "ran", result.run_id))
+    return outcomes
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _run_in_processes(
+    trials: list[Trial], experiment_id: str, parent_id: str, parallel: int
+) -> list[Outcome]:
+    """`parallel` `pipeline trial` processes at a time, each logging to its own file.
+
+    If the sweep itself is interrupted, the running trials get SIGTERM, so they end KILLED.
+    """
+    logs = Path(tempfile.mkdtemp(prefix="pipeline-sweep-"))
+    queue, running, outcomes = list(trials), {}, []
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                trial = queue.pop(0)
+                running[_spawn(trial, experiment_id, parent_id, parallel, logs)] = trial
+            time.sleep(POLL_SECONDS)
+            for proc in [p for p in running if p.poll() is not None]:
+                trial = running.pop(proc)
+                outcomes.append(_collect(trial, proc.returncode, logs / f"{trial.name}.log"))
+                print(f"[{len(outcomes)}/{len(trials)}] {trial.name}: {_describe(outcomes[-1])}")
+    finally:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.wait(timeout=60)
+    return outcomes
+
+
+def _spawn(
+    trial: Trial, experiment_id: str, parent_id: str, parallel: int, logs: Path
+) -> subprocess.Popen:
+    """Start `python -m pipeline trial SPEC` with this code, this store and a share of CPUs."""
+    spec = json.dumps(
+        {"config": asdict(trial.config), "name": trial.name, "experiment_id": experiment_id,
+         "parent_run_id": parent_id}
+    )  # fmt: skip
+    root = str(Path(pipeline.__file__).resolve().parent.parent)  # the code this sweep runs
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = str(max(1, (cpus or 1) // parallel))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env |= {
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])),
+        "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+    }
+    with open(logs / f"{trial.name}.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "trial", spec],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def _collect(trial: Trial, returncode: int, log: Path) -> Outcome:
+    """The outcome of a finished trial process, read from its exit status and log."""
+    text = log.read_text(errors="replace")
+    if returncode == 0 and (m := re.search(r"^train: .* run_id=(\w+)", text, re.M)):
+        return Outcome(trial, "ran", m.group(1))
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("Error:")]
+    reason = (errors or lines or [f"exit status {returncode}"])[-1]
+    sys.stderr.write(f"--- {trial.name} failed (exit {returncode}); log {log}:\n")
+    sys.stderr.write("\n".join(lines[-15:]) + "\n")
+    return Outcome(trial, "failed", message=reason[:200])
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.status == "failed":
+        return f"FAILED: {outcome.message}"
+    return f"{outcome.status} run_id={outcome.run_id}"
+
+
+def run_trial_spec(spec: str) -> None:
+    """The `pipeline trial` process: one trial as a child of the sweep's parent run."""
+    doc = json.loads(spec)
+    run_train(
+        TrainConfig(**doc["config"]),
+        experiment_id=doc["experiment_id"],
+        parent_run_id=doc["parent_run_id"],
+        run_name=doc["name"],
+    )
+
+
+def _finish(exp: Experiment, outcomes: list[Outcome], parent_id: str) -> None:
+    """Print the summary; raise (so the parent ends FAILED) if any trial failed."""
+    count = {s: sum(o.status == s for o in outcomes) for s in ("ran", "skipped", "failed")}
+    print(f"sweep {exp.name!r} done: {count['ran']} ran, {count['skipped']} skipped "
+          f"(already finished), {count['failed']} failed; parent run {parent_id}")  # fmt: skip
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        names = "; ".join(f"{o.trial.name} ({o.message})" for o in failed)
+        raise PipelineError(
+            f"{len(failed)} of {len(outcomes)} trials failed: {names}; "
+            "run the sweep again to retry them"
+        )
