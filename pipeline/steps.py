@@ -101,6 +101,7 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
     # Whole splits go to the device once; batches are then slices, never host copies.
     x = {s: to_model_input(split.images, device) for s, split in data.splits.items()}
     y = {s: split.labels.to(device) for s, split in data.splits.items()}
+    t_data = time.perf_counter()
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes).to(device)
@@ -151,9 +152,12 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
         info = tracking.log_model(model.cpu(), example)
         tracking.log_metrics(
             {
-                "time/loop_seconds": loop_seconds,
-                "time/samples_per_second": state.step * cfg.batch_size / loop_seconds,
+                "time/startup_seconds": _process_age() - (time.perf_counter() - t0),
+                "time/data_seconds": t_data - t0,
                 "time/setup_seconds": t_loop - t0,
+                "time/loop_seconds": loop_seconds,
+                "time/model_log_seconds": time.perf_counter() - t_loop - loop_seconds,
+                "time/samples_per_second": state.step * cfg.batch_size / loop_seconds,
             }
         )
     print(
@@ -161,6 +165,13 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
         f"run_id={run.run_id} model={info.model_uri}"
     )
     return TrainResult(run.run_id, test.loss, test.accuracy, info.model_uri)
+
+
+def _process_age() -> float:
+    """Seconds since this process started: interpreter and imports before the step ran."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _requested(cfg: TrainConfig) -> dict[str, object]:
