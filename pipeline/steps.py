@@ -96,6 +96,7 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
     t0 = time.perf_counter()
     lr, momentum = validate_train(cfg)
     device = resolve_device(cfg.device)
+    store = tracking.open_store_in_background()
     path, digest = resolve_data(cfg.data)
     data = load_prepared(path)
     # Whole splits go to the device once; batches are then slices, never host copies.
@@ -113,6 +114,8 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
         state.forward = torch.compile(model)
     loss_fn = build_loss(cfg.loss, cfg.label_smoothing)
     steps_per_epoch = -(-len(y["train"]) // cfg.batch_size)
+    tracking.import_end_of_run()
+    store.join()
 
     params = _requested(cfg) | {
         "data": str(path),

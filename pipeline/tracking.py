@@ -11,6 +11,7 @@ import hashlib
 import platform
 import queue
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -29,6 +30,10 @@ from pipeline.loop import StepLog
 STEP_TAG = "pipeline.step"
 CODE_VERSION_TAG = "pipeline.code_version"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+FLUSH_SECONDS = 1.0  # longest a queued point waits for a fuller batch
+WRITER_SWITCH_INTERVAL_S = 5e-5  # the GIL switch interval while the writer runs Python
+DEFAULT_SWITCH_INTERVAL_S = sys.getswitchinterval()  # restored after; not the prior value,
+# which another writer may have lowered itself
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default of 10 s leaves short runs with no samples
 
 
@@ -42,12 +47,14 @@ def code_version() -> str:
 
 
 def version_tags() -> dict[str, str]:
+    import importlib.metadata
+
     import torch
-    import torchvision
 
     return {
         "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
+        # From the installed metadata: importing torchvision only to read this costs ~1 s.
+        "torchvision_version": importlib.metadata.version("torchvision"),
         "mlflow_version": mlflow.__version__,
         "python_version": platform.python_version(),
         CODE_VERSION_TAG: code_version(),
@@ -62,40 +69,64 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+Point = tuple[str, float, int, int]  # (key, value, timestamp ms, step): a Metric, unbuilt
+
+
 class MetricWriter:
-    """A background thread that writes queued metrics to one run with `log_batch`."""
+    """A background thread that writes queued metrics to one run with `log_batch`.
+
+    The training thread only queues plain tuples; building `Metric` objects and the
+    SQLAlchemy work happen here. Points are gathered into batches of up to
+    `MAX_METRICS_PER_BATCH` (or `FLUSH_SECONDS` old), since each `log_batch` has a fixed cost.
+    """
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self._client = MlflowClient()
-        self._queue: queue.SimpleQueue[list[Metric] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[Point] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
-    def put(self, metrics: list[Metric]) -> None:
-        self._queue.put(metrics)
+    def put(self, points: list[Point]) -> None:
+        self._queue.put(points)
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            batch = item
-            # Drain whatever else is queued so one request carries as many points as allowed.
-            while len(batch) < MAX_METRICS_PER_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch = batch + nxt
-            for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-                try:
-                    self._client.log_batch(
-                        self.run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH]
-                    )
-                except BaseException as exc:  # surfaced by close(): the run must not pass silently
-                    self._error = exc
+        done = False
+        while not done:
+            batch, done = self._gather()
+            if batch:
+                self._write(batch)
+
+    def _gather(self) -> tuple[list[Point], bool]:
+        """Wait for points, then keep collecting for up to FLUSH_SECONDS; True once closed."""
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch, deadline = list(first), time.monotonic() + FLUSH_SECONDS
+        while len(batch) < MAX_METRICS_PER_BATCH:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.extend(item)
+        return batch, False
+
+    def _write(self, points: list[Point]) -> None:
+        metrics = [Metric(*p) for p in points]
+        # While this thread runs Python, the training thread waits for the GIL after every
+        # torch op, by default up to 5 ms each time; a short switch interval lets the two
+        # interleave, so the writing overlaps the training thread's GIL-free kernels.
+        sys.setswitchinterval(WRITER_SWITCH_INTERVAL_S)
+        try:
+            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                self._client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+        except BaseException as exc:  # surfaced by close(): the run must not pass silently
+            self._error = exc
+        finally:
+            sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL_S)
 
     def close(self) -> None:
         """Write everything queued so far, then stop; raises if any write failed."""
@@ -112,17 +143,19 @@ class MlflowTracker:
         self.writer = writer
 
     def log_steps(self, rows: list[StepLog]) -> None:
-        metrics = []
+        points = []
         for r in rows:
             ts = int(r.time * 1000)
-            metrics.append(Metric("train/loss", r.loss, ts, r.step))
-            metrics.append(Metric("train/accuracy", r.accuracy, ts, r.step))
-            metrics.append(Metric("train/lr", r.lr, ts, r.step))
-        self.writer.put(metrics)
+            points += [
+                ("train/loss", r.loss, ts, r.step),
+                ("train/accuracy", r.accuracy, ts, r.step),
+                ("train/lr", r.lr, ts, r.step),
+            ]
+        self.writer.put(points)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        self.writer.put([Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self.writer.put([(k, float(v), ts, step) for k, v in metrics.items()])
 
 
 @dataclass
@@ -136,6 +169,35 @@ class Run:
     @property
     def tracker(self) -> MlflowTracker:
         return MlflowTracker(self.writer)
+
+
+def open_store_in_background() -> threading.Thread:
+    """Start creating (or opening) the tracking store on a thread; join it before a run.
+
+    A fresh sqlite store runs MLflow's schema migrations, seconds of mostly disk waits:
+    on a thread they overlap the data loading and imports the run does anyway. Errors are
+    left for `start_run` to raise where they always did.
+    """
+
+    def open_store() -> None:
+        with contextlib.suppress(Exception):
+            MlflowClient()
+
+    thread = threading.Thread(target=open_store, name="mlflow-store", daemon=True)
+    thread.start()
+    return thread
+
+
+def import_end_of_run() -> None:
+    """Import what the end of a run needs (torch.export and mlflow.pytorch for `log_model`,
+    matplotlib for the figure): ~2 s, best spent while the store is still being created."""
+    import matplotlib
+    import mlflow.pytorch  # noqa: F401
+    import torch.export  # noqa: F401
+    from mlflow.models import infer_signature  # noqa: F401
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -184,8 +246,8 @@ def start_run(
 def log_params(params: dict[str, object]) -> None:
     """Log params as strings, skipping keys already set: under `mlflow run` MLflow logs the
     entry point's parameters itself, as typed, and a param can never change once logged."""
-    run = mlflow.active_run()
-    existing = MlflowClient().get_run(run.info.run_id).data.params
+    # The run as `start_run` fetched it, MLflow's own params included: no extra request.
+    existing = mlflow.active_run().data.params
     new = {k: "none" if v is None else str(v) for k, v in params.items() if k not in existing}
     if new:
         mlflow.log_params(new)
