@@ -84,9 +84,10 @@ def project(x: torch.Tensor, y: torch.Tensor, store: str) -> tuple[int, float]:
     state = TrainState(model, optimizer, torch.Generator().manual_seed(SEED))
     loss_fn = build_loss("cross_entropy")
     with tracking.start_run("train", "bench-project") as run:
+        tracker = run.tracker  # the writer process is up and has opened the run
         start = time.perf_counter()
-        train_epoch(state, x, y, loss_fn, run.tracker, BATCH, log_every=1)
-        run.writer.close()  # wait for every point to be written
+        train_epoch(state, x, y, loss_fn, tracker, BATCH, log_every=1)
+        run.flush()  # wait for every point to be written
         seconds = time.perf_counter() - start
     points = len(MlflowClient().get_metric_history(run.run_id, "train/loss"))
     if points != state.step:

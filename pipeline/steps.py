@@ -103,6 +103,7 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
     x = {s: to_model_input(split.images, device) for s, split in data.splits.items()}
     y = {s: split.labels.to(device) for s, split in data.splits.items()}
     t_data = time.perf_counter()
+    writer = tracking.WriterProcess()  # its start-up overlaps the rest of ours
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes).to(device)
@@ -127,7 +128,12 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
         "train_size": len(y["train"]),
     }
     with tracking.start_run(
-        "train", cfg.run_name, nested=nested, experiment_id=experiment_id, system_metrics=True
+        "train",
+        cfg.run_name,
+        nested=nested,
+        experiment_id=experiment_id,
+        system_metrics=True,
+        writer_process=writer,
     ) as run:
         tracking.log_params(params)
         tracking.set_tags({"device": str(device), "device_name": device_name(device)})

@@ -1,16 +1,22 @@
 """Every MLflow call of the project lives here.
 
-The loop reports to `MlflowTracker`, which queues points for a background thread that
-writes them with `log_batch`, so per-step logging costs the training thread a list append.
+The loop reports to `MlflowTracker`, which queues points for a helper process that writes
+them with `log_batch`, so per-step logging costs the training thread a list append.
+
+This module must not import torch at the top: the helper process imports it, and only
+needs MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import pickle
 import platform
 import queue
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -18,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.entities import Metric
@@ -25,15 +32,13 @@ from mlflow.tracking import MlflowClient
 
 import pipeline
 from pipeline.errors import PipelineError
-from pipeline.loop import StepLog
+
+if TYPE_CHECKING:
+    from pipeline.loop import StepLog
 
 STEP_TAG = "pipeline.step"
 CODE_VERSION_TAG = "pipeline.code_version"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
-FLUSH_SECONDS = 1.0  # longest a queued point waits for a fuller batch
-WRITER_SWITCH_INTERVAL_S = 5e-5  # the GIL switch interval while the writer runs Python
-DEFAULT_SWITCH_INTERVAL_S = sys.getswitchinterval()  # restored after; not the prior value,
-# which another writer may have lowered itself
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default of 10 s leaves short runs with no samples
 
 
@@ -70,70 +75,134 @@ def _raise_terminated(signum, frame):
 
 
 Point = tuple[str, float, int, int]  # (key, value, timestamp ms, step): a Metric, unbuilt
+WRITER_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import pipeline.tracking as t; t._writer_main()"  # noqa: E501
+)
+READY = b"ready\n"
+
+
+class WriterProcess:
+    """The helper process a `MetricWriter` writes through, started ahead of the run.
+
+    Starting it costs ~1.5 s (importing MLflow) on another core: a caller that knows a run
+    is coming starts it early, so that time overlaps its own data loading and imports.
+    """
+
+    def __init__(self) -> None:
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish()
+        root = str(Path(pipeline.__file__).resolve().parents[1])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER_CODE, root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+        )
+
+    def finish(self) -> str | None:
+        """End of input; wait for the process to write the rest. Returns its error, if any."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        code = self.proc.wait()
+        self.stderr.seek(0)
+        lines = self.stderr.read().decode(errors="replace").strip().splitlines()
+        self.stderr.close()
+        if code == 0:
+            return None
+        return lines[-1] if lines else f"writer process exited with status {code}"
 
 
 class MetricWriter:
-    """A background thread that writes queued metrics to one run with `log_batch`.
+    """Writes queued metrics to one run with `log_batch`, from a helper process.
 
-    The training thread only queues plain tuples; building `Metric` objects and the
-    SQLAlchemy work happen here. Points are gathered into batches of up to
-    `MAX_METRICS_PER_BATCH` (or `FLUSH_SECONDS` old), since each `log_batch` has a fixed cost.
+    MLflow's sqlite store spends ~60 us of Python per point (SQLAlchemy's ORM). Done on a
+    thread, that time holds the GIL and stalls the training loop, ~8% at three points per
+    step; a separate process writes on another core instead. A feeder thread here merges
+    what the loop queues into batches and pickles them down the process's stdin, so the
+    loop itself never waits on the pipe.
     """
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, process: WriterProcess | None = None) -> None:
         self.run_id = run_id
-        self._client = MlflowClient()
+        self._process = process or WriterProcess()
         self._queue: queue.SimpleQueue[list[Point] | None] = queue.SimpleQueue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="mlflow-metrics", daemon=True)
+        self._closed = False
+        proc = self._process.proc
+        try:
+            pickle.dump((mlflow.get_tracking_uri(), run_id), proc.stdin)
+            proc.stdin.flush()
+            ready = proc.stdout.readline()  # once it has opened the store
+        except OSError:
+            ready = b""
+        if ready != READY:
+            self._closed = True
+            raise PipelineError(f"logging metrics to MLflow failed: {self._process.finish()}")
+        self._thread = threading.Thread(target=self._feed, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
     def put(self, points: list[Point]) -> None:
         self._queue.put(points)
 
-    def _work(self) -> None:
-        done = False
-        while not done:
-            batch, done = self._gather()
-            if batch:
-                self._write(batch)
+    def _feed(self) -> None:
+        stdin = self._process.proc.stdin
+        with contextlib.suppress(OSError):  # the process died: close() reports why
+            while (item := self._queue.get()) is not None:
+                batch, done = self._drain(list(item))
+                pickle.dump(batch, stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                stdin.flush()
+                if done:
+                    break
 
-    def _gather(self) -> tuple[list[Point], bool]:
-        """Wait for points, then keep collecting for up to FLUSH_SECONDS; True once closed."""
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        batch, deadline = list(first), time.monotonic() + FLUSH_SECONDS
+    def _drain(self, batch: list[Point]) -> tuple[list[Point], bool]:
+        """Add whatever else is queued already; True once the end marker was taken."""
         while len(batch) < MAX_METRICS_PER_BATCH:
             try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return batch, False
             if item is None:
                 return batch, True
             batch.extend(item)
         return batch, False
 
-    def _write(self, points: list[Point]) -> None:
-        metrics = [Metric(*p) for p in points]
-        # While this thread runs Python, the training thread waits for the GIL after every
-        # torch op, by default up to 5 ms each time; a short switch interval lets the two
-        # interleave, so the writing overlaps the training thread's GIL-free kernels.
-        sys.setswitchinterval(WRITER_SWITCH_INTERVAL_S)
-        try:
-            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-                self._client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
-        except BaseException as exc:  # surfaced by close(): the run must not pass silently
-            self._error = exc
-        finally:
-            sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL_S)
-
     def close(self) -> None:
-        """Write everything queued so far, then stop; raises if any write failed."""
+        """Write everything queued so far, then stop; raises if any write failed.
+
+        Closing again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self._queue.put(None)
         self._thread.join()
-        if self._error is not None:
-            raise PipelineError(f"logging metrics to MLflow failed: {self._error}")
+        error = self._process.finish()
+        if error is not None:
+            raise PipelineError(f"logging metrics to MLflow failed: {error}")
+
+
+def _writer_main() -> None:
+    """The helper process: open the run named on stdin, then log every pickled batch."""
+    # Signals are for the parent, which ends this process by closing stdin: a Ctrl-C or a
+    # SIGTERM must not drop the points still in the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stdin = sys.stdin.buffer
+    try:
+        tracking_uri, run_id = pickle.load(stdin)
+    except EOFError:
+        os._exit(0)  # started ahead, never used
+    client = MlflowClient(tracking_uri)
+    sys.stdout.buffer.write(READY)
+    sys.stdout.buffer.flush()
+    while True:
+        try:
+            points = pickle.load(stdin)
+        except EOFError:
+            break
+        metrics = [Metric(*p) for p in points]
+        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+    sys.stderr.flush()
+    os._exit(0)  # everything is committed; the interpreter's teardown would only add ~1 s
 
 
 class MlflowTracker:
@@ -160,44 +229,27 @@ class MlflowTracker:
 
 @dataclass
 class Run:
-    """An open MLflow run, with its asynchronous metric writer."""
+    """An open MLflow run; its metric writer starts on first use of `tracker`."""
 
     run_id: str
     experiment_id: str
-    writer: MetricWriter
+    process: WriterProcess | None = None  # started ahead by the caller, if it did
+    _writer: MetricWriter | None = None
 
     @property
     def tracker(self) -> MlflowTracker:
-        return MlflowTracker(self.writer)
+        if self._writer is None:
+            process, self.process = self.process, None
+            self._writer = MetricWriter(self.run_id, process)
+        return MlflowTracker(self._writer)
 
-
-def open_store_in_background() -> threading.Thread:
-    """Start creating (or opening) the tracking store on a thread; join it before a run.
-
-    A fresh sqlite store runs MLflow's schema migrations, seconds of mostly disk waits:
-    on a thread they overlap the data loading and imports the run does anyway. Errors are
-    left for `start_run` to raise where they always did.
-    """
-
-    def open_store() -> None:
-        with contextlib.suppress(Exception):
-            MlflowClient()
-
-    thread = threading.Thread(target=open_store, name="mlflow-store", daemon=True)
-    thread.start()
-    return thread
-
-
-def import_end_of_run() -> None:
-    """Import what the end of a run needs (torch.export and mlflow.pytorch for `log_model`,
-    matplotlib for the figure): ~2 s, best spent while the store is still being created."""
-    import matplotlib
-    import mlflow.pytorch  # noqa: F401
-    import torch.export  # noqa: F401
-    from mlflow.models import infer_signature  # noqa: F401
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    def flush(self) -> None:
+        """Wait until every queued point is written; raises if any write failed."""
+        if self.process is not None:  # started ahead but never used
+            self.process.finish()
+            self.process = None
+        if self._writer is not None:
+            self._writer.close()
 
 
 @contextlib.contextmanager
@@ -208,6 +260,7 @@ def start_run(
     nested: bool = False,
     experiment_id: str | None = None,
     system_metrics: bool = False,
+    writer_process: WriterProcess | None = None,
 ) -> Iterator[Run]:
     """Open a run and always close it: FINISHED, FAILED on an exception, KILLED on a signal.
 
@@ -222,19 +275,18 @@ def start_run(
         experiment_id=experiment_id,
         log_system_metrics=system_metrics,
     )
-    run_id = active.info.run_id
-    writer = MetricWriter(run_id)
+    run = Run(active.info.run_id, active.info.experiment_id, writer_process)
     status = "FAILED"
     try:
         mlflow.set_tags({"mlflow.runName": run_name, STEP_TAG: step, **version_tags()})
-        yield Run(run_id, active.info.experiment_id, writer)
+        yield run
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         try:
-            writer.close()
+            run.flush()
         except PipelineError:
             status = "FAILED"
             raise
