@@ -252,6 +252,35 @@ class Run:
             self._writer.close()
 
 
+def open_store_in_background() -> threading.Thread:
+    """Start creating (or opening) the tracking store on a thread; join it before a run.
+
+    A fresh sqlite store runs MLflow's schema migrations, seconds of mostly disk waits:
+    on a thread they overlap the data loading and imports the run does anyway. Errors are
+    left for `start_run` to raise where they always did.
+    """
+
+    def open_store() -> None:
+        with contextlib.suppress(Exception):
+            MlflowClient()
+
+    thread = threading.Thread(target=open_store, name="mlflow-store", daemon=True)
+    thread.start()
+    return thread
+
+
+def import_end_of_run() -> None:
+    """Import what the end of a run needs (torch.export and mlflow.pytorch for `log_model`,
+    matplotlib for the figure): ~2 s, best spent while the store is still being created."""
+    import matplotlib
+    import mlflow.pytorch  # noqa: F401
+    import torch.export  # noqa: F401
+    from mlflow.models import infer_signature  # noqa: F401
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 @contextlib.contextmanager
 def start_run(
     step: str,
