@@ -76,12 +76,14 @@ def project(x: torch.Tensor, y: torch.Tensor, store: str) -> tuple[int, float]:
     from pipeline import tracking
     from pipeline.loop import TrainState, train_epoch
     from pipeline.losses import build_loss
+    from pipeline.models import training_forward
     from pipeline.optimizers import build_optimizer
 
     mlflow.set_tracking_uri(store)
     model = _fresh_model()
     optimizer = build_optimizer("adam", list(model.parameters()), LR, None, 0.0, x.device)
     state = TrainState(model, optimizer, torch.Generator().manual_seed(SEED))
+    state.forward = training_forward(model)  # as `pipeline train` does
     loss_fn = build_loss("cross_entropy")
     with tracking.start_run("train", "bench-project") as run:
         tracker = run.tracker  # the writer process is up and has opened the run

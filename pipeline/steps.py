@@ -27,7 +27,7 @@ from pipeline.device import device_name, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.loop import TrainState, evaluate, train_epoch
 from pipeline.losses import build_loss
-from pipeline.models import build_model, count_parameters
+from pipeline.models import build_model, count_parameters, training_forward
 from pipeline.optimizers import build_optimizer, resolve_hparams
 
 
@@ -113,6 +113,8 @@ def run_train(cfg: TrainConfig, *, nested: bool = False, experiment_id: str | No
     state = TrainState(model, optimizer, torch.Generator().manual_seed(cfg.seed))
     if cfg.compile:
         state.forward = torch.compile(model)
+    else:
+        state.forward = training_forward(model)  # same result, a fraction of the arithmetic
     loss_fn = build_loss(cfg.loss, cfg.label_smoothing)
     steps_per_epoch = -(-len(y["train"]) // cfg.batch_size)
     tracking.import_end_of_run()
