@@ -185,6 +185,10 @@ def _writer_main() -> None:
     # SIGTERM must not drop the points still in the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # What opening a store imports, done while the parent is still busy: then the parent's
+    # wait for READY is only the connection itself.
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
     stdin = sys.stdin.buffer
     try:
         tracking_uri, run_id = pickle.load(stdin)
