@@ -23,7 +23,7 @@ def flops_per_sample(model: nn.Module, batch: int = 128, forward=None) -> float:
     return counter.get_total_flops() / batch
 
 
-def matmul_flops_per_second(n: int = 1024, repeats: int = 5) -> float:
+def matmul_flops_per_second(n: int = 1024, repeats: int = 20) -> float:
     """The best of `repeats` n x n float32 matrix products: a peak this core really reaches."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up
