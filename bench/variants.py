@@ -66,9 +66,10 @@ def bare(x: torch.Tensor, y: torch.Tensor) -> tuple[int, float]:
 def project(x: torch.Tensor, y: torch.Tensor, store: str) -> tuple[int, float]:
     """(3) The project's own training step, logging loss/accuracy/lr on every step.
 
-    Uses the real `train_epoch`, `MetricWriter` and `MlflowTracker` against a sqlite store;
-    the clock stops only once the writer has flushed every point, and the run is then checked
-    to hold exactly one train/loss point per step.
+    Uses the real `train_epoch`, the forward `pipeline train` picks, and the real
+    `MlflowTracker` / `MetricWriter` (and its writer process) against a sqlite store. The
+    clock starts once the writer is up and stops only once it has written every point; the
+    run is then checked to hold exactly one train/loss point per step.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
