@@ -135,7 +135,9 @@ def _correct_per_step(logits: list[torch.Tensor], labels: list[torch.Tensor]) ->
     """Correct predictions of each step's batch, as integers, from a few ops over them all."""
     hits = torch.cat(logits).argmax(1) == torch.cat(labels)
     sizes = torch.tensor([len(y) for y in labels], device=hits.device)
-    step_of = torch.repeat_interleave(torch.arange(len(labels), device=hits.device), sizes)
+    steps = torch.arange(len(labels), device=hits.device)
+    # output_size given: otherwise a GPU would have to report the total back first (a sync).
+    step_of = torch.repeat_interleave(steps, sizes, output_size=len(hits))
     return torch.zeros(len(labels), dtype=torch.int64, device=hits.device).index_add_(
         0, step_of, hits.long()
     )
