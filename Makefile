@@ -5,6 +5,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: run test test-fast lint format ui bench clean
 
@@ -34,8 +35,10 @@ format: $(STAMP)
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+# The bench compares against PyTorch Lightning, an extra installed only for it.
 bench: $(STAMP)
-	python bench/run.py
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -94,10 +94,11 @@ def train_epoch(
     model.train()
     state.epoch += 1
     order = torch.randperm(len(x), generator=state.generator).to(x.device)
-    pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, int]] = []
+    pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for i, start in enumerate(range(0, len(x), batch_size)):
         idx = order[start : start + batch_size]
-        xb, yb = x[idx], y[idx]
+        # index_select gathers the same rows as x[idx] at half the cost of advanced indexing.
+        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
         with _autocast(x.device, amp):
             logits = forward(xb)
             loss = loss_fn(logits.float(), yb)
@@ -106,9 +107,9 @@ def train_epoch(
         optimizer.step()
         state.step += 1
         if state.step % log_every == 0:
-            # Still device tensors: reading them now would stall the GPU pipeline.
-            correct = (logits.argmax(1) == yb).sum()
-            pending.append((i, state.step, time.time(), loss.detach(), correct, len(yb)))
+            # Device tensors, read in one transfer by _report; accuracy is computed there too,
+            # for all pending steps at once, rather than with three small ops per step.
+            pending.append((i, state.step, time.time(), loss.detach(), logits.detach(), yb))
             if len(pending) >= SYNC_EVERY:
                 _report(state, pending, tracker)
     _report(state, pending, tracker)
@@ -119,15 +120,27 @@ def _report(state: TrainState, pending: list, tracker: Tracker) -> None:
     if not pending:
         return
     losses = torch.stack([p[3] for p in pending]).tolist()
-    correct = torch.stack([p[4] for p in pending]).tolist()
+    correct = _correct_per_step([p[4] for p in pending], [p[5] for p in pending]).tolist()
     lr = state.optimizer.param_groups[0]["lr"]
     tracker.log_steps(
         [
-            StepLog(state.epoch, i, step, t, loss, c / n, lr)
-            for (i, step, t, _, _, n), loss, c in zip(pending, losses, correct, strict=True)
+            StepLog(state.epoch, i, step, t, loss, c / len(yb), lr)
+            for (i, step, t, _, _, yb), loss, c in zip(pending, losses, correct, strict=True)
         ]
     )
     pending.clear()
+
+
+def _correct_per_step(logits: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+    """Correct predictions of each step's batch, as integers, from a few ops over them all."""
+    hits = torch.cat(logits).argmax(1) == torch.cat(labels)
+    sizes = torch.tensor([len(y) for y in labels], device=hits.device)
+    steps = torch.arange(len(labels), device=hits.device)
+    # output_size given: otherwise a GPU would have to report the total back first (a sync).
+    step_of = torch.repeat_interleave(steps, sizes, output_size=len(hits))
+    return torch.zeros(len(labels), dtype=torch.int64, device=hits.device).index_add_(
+        0, step_of, hits.long()
+    )
 
 
 @torch.no_grad()

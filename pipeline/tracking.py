@@ -1,22 +1,30 @@
 """Every MLflow tracking call of the project lives here (registry calls: registry.py).
 
-The loop reports to `MlflowTracker`, which queues points for a background thread that
-writes them with `log_batch`, so per-step logging costs the training thread a list append.
+The loop reports to `MlflowTracker`, which queues points for a helper process that writes
+them with `log_batch`, so per-step logging costs the training thread a list append.
+
+This module must not import torch at the top: the helper process imports it, and only
+needs MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import pickle
 import platform
 import queue
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.entities import Metric
@@ -24,7 +32,9 @@ from mlflow.tracking import MlflowClient
 
 import pipeline
 from pipeline.errors import PipelineError
-from pipeline.loop import StepLog
+
+if TYPE_CHECKING:
+    from pipeline.loop import StepLog
 
 STEP_TAG = "pipeline.step"
 CODE_VERSION_TAG = "pipeline.code_version"
@@ -43,12 +53,14 @@ def code_version() -> str:
 
 
 def version_tags() -> dict[str, str]:
+    import importlib.metadata
+
     import torch
-    import torchvision
 
     return {
         "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
+        # From the installed metadata: importing torchvision only to read this costs ~1 s.
+        "torchvision_version": importlib.metadata.version("torchvision"),
         "mlflow_version": mlflow.__version__,
         "python_version": platform.python_version(),
         CODE_VERSION_TAG: code_version(),
@@ -63,47 +75,139 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-class MetricWriter:
-    """A background thread that writes queued metrics to one run with `log_batch`."""
+Point = tuple[str, float, int, int]  # (key, value, timestamp ms, step): a Metric, unbuilt
+WRITER_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import pipeline.tracking as t; t._writer_main()"  # noqa: E501
+)
+READY = b"ready\n"
 
-    def __init__(self, run_id: str) -> None:
+
+class WriterProcess:
+    """The helper process a `MetricWriter` writes through, started ahead of the run.
+
+    Starting it costs ~1.5 s (importing MLflow) on another core: a caller that knows a run
+    is coming starts it early, so that time overlaps its own data loading and imports.
+    """
+
+    def __init__(self) -> None:
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish()
+        root = str(Path(pipeline.__file__).resolve().parents[1])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER_CODE, root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+        )
+
+    def finish(self) -> str | None:
+        """End of input; wait for the process to write the rest. Returns its error, if any."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        code = self.proc.wait()
+        self.stderr.seek(0)
+        lines = self.stderr.read().decode(errors="replace").strip().splitlines()
+        self.stderr.close()
+        if code == 0:
+            return None
+        return lines[-1] if lines else f"writer process exited with status {code}"
+
+
+class MetricWriter:
+    """Writes queued metrics to one run with `log_batch`, from a helper process.
+
+    MLflow's sqlite store spends ~60 us of Python per point (SQLAlchemy's ORM). Done on a
+    thread, that time holds the GIL and stalls the training loop, ~8% at three points per
+    step; a separate process writes on another core instead. A feeder thread here merges
+    what the loop queues into batches and pickles them down the process's stdin, so the
+    loop itself never waits on the pipe.
+    """
+
+    def __init__(self, run_id: str, process: WriterProcess | None = None) -> None:
         self.run_id = run_id
-        self._client = MlflowClient()
-        self._queue: queue.SimpleQueue[list[Metric] | None] = queue.SimpleQueue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="mlflow-metrics", daemon=True)
+        self._process = process or WriterProcess()
+        self._queue: queue.SimpleQueue[list[Point] | None] = queue.SimpleQueue()
+        self._closed = False
+        proc = self._process.proc
+        try:
+            pickle.dump((mlflow.get_tracking_uri(), run_id), proc.stdin)
+            proc.stdin.flush()
+            ready = proc.stdout.readline()  # once it has opened the store
+        except OSError:
+            ready = b""
+        if ready != READY:
+            self._closed = True
+            raise PipelineError(f"logging metrics to MLflow failed: {self._process.finish()}")
+        self._thread = threading.Thread(target=self._feed, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
-    def put(self, metrics: list[Metric]) -> None:
-        self._queue.put(metrics)
+    def put(self, points: list[Point]) -> None:
+        self._queue.put(points)
 
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            batch = item
-            # Drain whatever else is queued so one request carries as many points as allowed.
-            while len(batch) < MAX_METRICS_PER_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
+    def _feed(self) -> None:
+        stdin = self._process.proc.stdin
+        with contextlib.suppress(OSError):  # the process died: close() reports why
+            while (item := self._queue.get()) is not None:
+                batch, done = self._drain(list(item))
+                pickle.dump(batch, stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                stdin.flush()
+                if done:
                     break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch = batch + nxt
-            for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-                try:
-                    self._client.log_batch(
-                        self.run_id, metrics=batch[i : i + MAX_METRICS_PER_BATCH]
-                    )
-                except BaseException as exc:  # surfaced by close(): the run must not pass silently
-                    self._error = exc
+
+    def _drain(self, batch: list[Point]) -> tuple[list[Point], bool]:
+        """Add whatever else is queued already; True once the end marker was taken."""
+        while len(batch) < MAX_METRICS_PER_BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+            if item is None:
+                return batch, True
+            batch.extend(item)
+        return batch, False
 
     def close(self) -> None:
-        """Write everything queued so far, then stop; raises if any write failed."""
+        """Write everything queued so far, then stop; raises if any write failed.
+
+        Closing again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self._queue.put(None)
         self._thread.join()
-        if self._error is not None:
-            raise PipelineError(f"logging metrics to MLflow failed: {self._error}")
+        error = self._process.finish()
+        if error is not None:
+            raise PipelineError(f"logging metrics to MLflow failed: {error}")
+
+
+def _writer_main() -> None:
+    """The helper process: open the run named on stdin, then log every pickled batch."""
+    # Signals are for the parent, which ends this process by closing stdin: a Ctrl-C or a
+    # SIGTERM must not drop the points still in the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # What opening a store imports, done while the parent is still busy: then the parent's
+    # wait for READY is only the connection itself.
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+    stdin = sys.stdin.buffer
+    try:
+        tracking_uri, run_id = pickle.load(stdin)
+    except EOFError:
+        os._exit(0)  # started ahead, never used
+    client = MlflowClient(tracking_uri)
+    sys.stdout.buffer.write(READY)
+    sys.stdout.buffer.flush()
+    while True:
+        try:
+            points = pickle.load(stdin)
+        except EOFError:
+            break
+        metrics = [Metric(*p) for p in points]
+        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+    sys.stderr.flush()
+    os._exit(0)  # everything is committed; the interpreter's teardown would only add ~1 s
 
 
 class MlflowTracker:
@@ -113,30 +217,73 @@ class MlflowTracker:
         self.writer = writer
 
     def log_steps(self, rows: list[StepLog]) -> None:
-        metrics = []
+        points = []
         for r in rows:
             ts = int(r.time * 1000)
-            metrics.append(Metric("train/loss", r.loss, ts, r.step))
-            metrics.append(Metric("train/accuracy", r.accuracy, ts, r.step))
-            metrics.append(Metric("train/lr", r.lr, ts, r.step))
-        self.writer.put(metrics)
+            points += [
+                ("train/loss", r.loss, ts, r.step),
+                ("train/accuracy", r.accuracy, ts, r.step),
+                ("train/lr", r.lr, ts, r.step),
+            ]
+        self.writer.put(points)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        self.writer.put([Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self.writer.put([(k, float(v), ts, step) for k, v in metrics.items()])
 
 
 @dataclass
 class Run:
-    """An open MLflow run, with its asynchronous metric writer."""
+    """An open MLflow run; its metric writer starts on first use of `tracker`."""
 
     run_id: str
     experiment_id: str
-    writer: MetricWriter
+    process: WriterProcess | None = None  # started ahead by the caller, if it did
+    _writer: MetricWriter | None = None
 
     @property
     def tracker(self) -> MlflowTracker:
-        return MlflowTracker(self.writer)
+        if self._writer is None:
+            process, self.process = self.process, None
+            self._writer = MetricWriter(self.run_id, process)
+        return MlflowTracker(self._writer)
+
+    def flush(self) -> None:
+        """Wait until every queued point is written; raises if any write failed."""
+        if self.process is not None:  # started ahead but never used
+            self.process.finish()
+            self.process = None
+        if self._writer is not None:
+            self._writer.close()
+
+
+def open_store_in_background() -> threading.Thread:
+    """Start creating (or opening) the tracking store on a thread; join it before a run.
+
+    A fresh sqlite store runs MLflow's schema migrations, seconds of mostly disk waits:
+    on a thread they overlap the data loading and imports the run does anyway. Errors are
+    left for `start_run` to raise where they always did.
+    """
+
+    def open_store() -> None:
+        with contextlib.suppress(Exception):
+            MlflowClient()
+
+    thread = threading.Thread(target=open_store, name="mlflow-store", daemon=True)
+    thread.start()
+    return thread
+
+
+def import_end_of_run() -> None:
+    """Import what the end of a run needs (torch.export and mlflow.pytorch for `log_model`,
+    matplotlib for the figure): ~2 s, best spent while the store is still being created."""
+    import matplotlib
+    import mlflow.pytorch  # noqa: F401
+    import torch.export  # noqa: F401
+    from mlflow.models import infer_signature  # noqa: F401
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -149,6 +296,7 @@ def start_run(
     system_metrics: bool = False,
     parent_run_id: str | None = None,
     run_id: str | None = None,
+    writer_process: WriterProcess | None = None,
 ) -> Iterator[Run]:
     """Open a run and always close it: FINISHED, FAILED on an exception, KILLED on a signal.
 
@@ -166,19 +314,18 @@ def start_run(
         parent_run_id=parent_run_id,
         log_system_metrics=system_metrics,
     )
-    run_id = active.info.run_id
-    writer = MetricWriter(run_id)
+    run = Run(active.info.run_id, active.info.experiment_id, writer_process)
     status = "FAILED"
     try:
         mlflow.set_tags({"mlflow.runName": run_name, STEP_TAG: step, **version_tags()})
-        yield Run(run_id, active.info.experiment_id, writer)
+        yield run
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         try:
-            writer.close()
+            run.flush()
         except PipelineError:
             status = "FAILED"
             raise
@@ -190,8 +337,8 @@ def start_run(
 def log_params(params: dict[str, object]) -> None:
     """Log params as strings, skipping keys already set: under `mlflow run` MLflow logs the
     entry point's parameters itself, as typed, and a param can never change once logged."""
-    run = mlflow.active_run()
-    existing = MlflowClient().get_run(run.info.run_id).data.params
+    # The run as `start_run` fetched it, MLflow's own params included: no extra request.
+    existing = mlflow.active_run().data.params
     new = {k: "none" if v is None else str(v) for k, v in params.items() if k not in existing}
     if new:
         mlflow.log_params(new)

@@ -13,7 +13,7 @@ from pipeline.data import load_prepared, to_model_input
 from pipeline.errors import PipelineError
 from pipeline.loop import StepLog, TrainState, evaluate, train_epoch
 from pipeline.losses import build_loss
-from pipeline.models import build_model, count_parameters
+from pipeline.models import build_model, count_parameters, training_forward
 from pipeline.optimizers import build_optimizer, resolve_hparams
 
 
@@ -37,6 +37,26 @@ def test_seed_cnn_is_exactly_the_notebook_model():
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (1, 8, (3, 3))
     assert (linear.in_features, linear.out_features) == (8 * 26 * 26, 10)
     assert count_parameters(model) == 8 * 9 + 8 + 8 * 26 * 26 * 10 + 10
+
+
+def test_training_forward_matches_the_model_up_to_float_rounding():
+    torch.manual_seed(0)
+    model = build_model("seed_cnn")
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    fast = training_forward(model)
+    assert fast is not None
+    expected, got = model(x), fast(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(expected, y), params)
+    fast_grads = torch.autograd.grad(nn.functional.cross_entropy(got, y), params)
+    for g, f in zip(grads, fast_grads, strict=True):
+        torch.testing.assert_close(f, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mlp"])
+def test_training_forward_leaves_other_models_alone(name):
+    assert training_forward(build_model(name)) is None
 
 
 @pytest.mark.parametrize("name", ["seed_cnn", "lenet5", "mlp"])

@@ -1,0 +1,160 @@
+"""`make bench`: four ways to train the seed model, side by side, plus what surrounds a run.
+
+Prints samples/s (min / median / max over repeats, in alternating order) of
+  (1) the teaching notebook's loop, (2) a bare PyTorch loop without logging,
+  (3) this project's step logging every step to MLflow, (4) Lightning + MLFlowLogger,
+then the compute floor, data_prep's time, and a whole `pipeline train` split into phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `pipeline`
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+import costs  # noqa: E402
+import floor  # noqa: E402
+import torch  # noqa: E402
+import variants  # noqa: E402
+
+from pipeline.data import to_model_input  # noqa: E402
+from pipeline.models import training_forward  # noqa: E402
+
+NAMES = {
+    "notebook": "(1) notebook: transforms + DataLoader",
+    "bare": "(2) bare PyTorch loop, no logging",
+    "project": "(3) pipeline step, MLflow every step",
+    "lightning": "(4) Lightning + MLFlowLogger every step",
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--images", type=int, default=costs.TRAIN_IMAGES, help="training images")
+    p.add_argument("--variants", default=",".join(NAMES), help="comma-separated subset")
+    p.add_argument("--no-train-run", action="store_true", help="skip the `pipeline train` run")
+    return p.parse_args()
+
+
+def quiet() -> None:
+    """Lightning and MLflow talk a lot; the bench's table is what should be read."""
+    import lightning  # noqa: F401 - its import sets up the loggers silenced below
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def runner(name: str, raw_root: Path, x: torch.Tensor, y: torch.Tensor, tmp: Path):
+    """A zero-argument call that trains variant `name` for one epoch on the shared data."""
+    if name == "notebook":
+        return lambda: variants.notebook(raw_root)
+    if name == "bare":
+        return lambda: variants.bare(x, y)
+    store = lambda: variants.sqlite_store(tmp)  # noqa: E731 - a fresh store every repeat
+    if name == "project":
+        return lambda: variants.project(x, y, store())
+    return lambda: variants.lightning(x, y, store())
+
+
+def measure(calls: dict, repeats: int) -> dict[str, list[float]]:
+    """samples/s of every variant, `repeats` times, forward then backward order in turn."""
+    rates: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            samples, seconds = calls[name]()
+            rates[name].append(samples / seconds)
+            print(f"  repeat {r + 1}/{repeats} {name:9s} {samples / seconds:9.0f} samples/s")
+    return rates
+
+
+def print_table(rates: dict[str, list[float]], repeats: int, images: int) -> None:
+    base = statistics.median(rates["bare"]) if "bare" in rates else None
+    print(
+        f"\nsamples/s, 1 epoch of {images} images, batch {variants.BATCH}, seed_cnn, Adam, "
+        f"torch.set_num_threads(1), {repeats} repeats in alternating order"
+    )
+    print(f"{'variant':42s} {'min':>8s} {'median':>8s} {'max':>8s} {'vs (2)':>7s}")
+    for name, values in rates.items():
+        med = statistics.median(values)
+        ratio = f"{med / base:6.2f}x" if base else "-"
+        print(f"{NAMES[name]:42s} {min(values):8.0f} {med:8.0f} {max(values):8.0f} {ratio:>7s}")
+    if {"project", "notebook", "lightning"} <= rates.keys():
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        print(
+            f"(3)/(1) = {med['project'] / med['notebook']:.2f}x   "
+            f"(3)/(4) = {med['project'] / med['lightning']:.2f}x"
+        )
+
+
+def print_floor(rates: dict[str, list[float]]) -> None:
+    model = variants._fresh_model()
+    flops = floor.flops_per_sample(model)
+    collapsed = floor.flops_per_sample(model, forward=training_forward(model))
+    peak = floor.matmul_flops_per_second()
+    ceiling = peak / flops
+    print(
+        f"\ncompute floor: {flops / 1e6:.3f} MFLOP per training sample (forward + backward, "
+        f"counted by torch); 1024x1024 matmul at {peak / 1e9:.1f} GFLOP/s on one thread "
+        f"-> at most {ceiling:,.0f} samples/s"
+    )
+    for name in ("bare", "project"):
+        if name in rates:
+            print(f"  {NAMES[name]} reaches {statistics.median(rates[name]) / ceiling:.2f} of it")
+    print(
+        f"  (3) trains through the collapsed forward (pipeline.models.training_forward): "
+        f"{collapsed / 1e6:.3f} MFLOP per sample, same result up to float rounding"
+    )
+
+
+def print_phases(title: str, phases: dict[str, float]) -> None:
+    print(f"\n{title}")
+    for key, seconds in phases.items():
+        print(f"  {key:28s} {seconds:7.2f} s")
+
+
+def main() -> None:
+    args = parse_args()
+    quiet()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        raw_root = costs.write_mnist_folder(tmp / "data", args.images)
+        prepared, prep = costs.time_prep(tmp / "data")
+        from torchvision.datasets import MNIST
+
+        train = MNIST(str(raw_root), train=True)  # the same 60000 images for every variant
+        x, y = to_model_input(train.data), train.targets
+        calls = {n: runner(n, raw_root, x, y, tmp) for n in args.variants.split(",")}
+        print(f"warm-up, then {args.repeats} repeats:")
+        for call in calls.values():
+            call()
+        started = time.perf_counter()
+        rates = measure(calls, args.repeats)
+        print(f"(timed repeats took {time.perf_counter() - started:.0f} s)")
+        print_table(rates, args.repeats, len(x))
+        print_floor(rates)
+        print_phases(f"data_prep of {args.images} IDX images (in-process, no MLflow run)", prep)
+        if not args.no_train_run:
+            phases = costs.time_pipeline_train(prepared, tmp / "train-run")
+            print_phases("`python -m pipeline train --epochs 1` on the prepared file", phases)
+            again = costs.time_pipeline_train(prepared, tmp / "train-run-2", hide_lightning=False)
+            print(
+                f"  the same with the bench's Lightning importable (mlflow.pytorch imports it): "
+                f"wall {again['wall']:.2f} s, fixed {again['fixed (wall - loop)']:.2f} s"
+            )
+
+
+if __name__ == "__main__":
+    main()
