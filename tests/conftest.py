@@ -37,13 +37,28 @@ def sample_file(tmp_path_factory) -> Path:
     return path
 
 
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def start_cli(*args: object, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m pipeline ARGS` started in the background, for tests that signal it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        cwd=cwd,
+        env=env or _cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_cli(*args: str, cwd: Path, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a child process against the test's tracking store."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
         cwd=cwd,
-        env=env,
+        env=_cli_env(),
         capture_output=True,
         text=True,
         **kwargs,

@@ -30,7 +30,7 @@ from pipeline.retrain import (
     settle_crashed,
 )
 
-from .conftest import ROOT, assert_one_line_error, run_cli
+from .conftest import ROOT, assert_one_line_error, run_cli, start_cli
 
 NAME = "digits-test"
 FIRST = {"optimizer": "adam", "epochs": 1}
@@ -308,10 +308,7 @@ def test_two_concurrent_retrains_one_exits_with_the_lock_code(tracking, tmp_path
 def test_sigterm_mid_retrain_ends_runs_killed_and_frees_the_lock(tracking, tmp_path):
     long = _config(tmp_path, {"epochs": 200}, file="long.yaml")
     locks = tmp_path / "locks"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "retrain", "--config", str(long), "--lock-dir", locks],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_cli("retrain", "--config", long, "--lock-dir", locks, cwd=tmp_path, env=_env())
     client = MlflowClient()
     deadline = time.time() + 90
     while True:  # until the nested train run has logged an epoch

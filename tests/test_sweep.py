@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.experiments import load_experiment
 from pipeline.sweep import run_sweep
 
-from .conftest import ROOT, assert_one_line_error, run_cli
+from .conftest import ROOT, assert_one_line_error, run_cli, start_cli
 
 STEPS_PER_EPOCH = math.ceil(3600 / 128)
 COMPARE_FILES = {
@@ -301,14 +301,7 @@ grid: {optimizer: [adam, sgd, rmsprop]}
 """,
     )
     # Interrupted while running trials in 2 processes; resumed in this one.
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "sweep", str(path), "--parallel", "2"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    sweep = start_cli("sweep", path, "--parallel", 2, cwd=tmp_path)
     client = MlflowClient(tracking)
     deadline = time.time() + 120
     while time.time() < deadline and not _finished_trials(client):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import mlflow
@@ -19,7 +16,7 @@ from pipeline.config import PrepConfig, TrainConfig
 from pipeline.data import load_prepared, to_model_input
 from pipeline.steps import run_main, run_prep, run_train
 
-from .conftest import ROOT, assert_one_line_error, run_cli
+from .conftest import assert_one_line_error, run_cli, start_cli
 
 
 def _one_epoch(data: str, **kwargs) -> TrainConfig:
@@ -162,14 +159,7 @@ def test_offline_torchvision_dataset_names_the_sample(tracking, tmp_path):
 def test_signal_ends_the_run_killed_and_keeps_what_was_logged(
     tracking, tmp_path, sample_file, sig, code
 ):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train", "--data", str(sample_file), "--epochs", "500"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli("train", "--data", sample_file, "--epochs", 500, cwd=tmp_path)
     client = MlflowClient(tracking)
     deadline = time.time() + 120
     run = None
