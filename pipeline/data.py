@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DATASETS, PrepConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 SPLITS = ("train", "val", "test")
 TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
@@ -112,7 +112,7 @@ def _load_torchvision(name: str, data_dir: str) -> tuple[Split, Split, list[str]
         train = cls(data_dir, train=True, download=True)
         test = cls(data_dir, train=False, download=True)
     except Exception as exc:  # network errors come in many types; the message is what matters
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise PipelineError(
             f"dataset {name!r} is not in {raw} and could not be downloaded ({reason}); "
             f"put the raw IDX files there or use --dataset mnist-sample, which works offline"
@@ -170,7 +170,7 @@ def load_prepared(path: str | Path) -> Prepared:
         splits = {s: Split(payload[f"{s}_images"], payload[f"{s}_labels"]) for s in SPLITS}
         classes = list(payload["classes"])
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise PipelineError(
             f"data file {str(path)!r} is not a valid prepared file ({reason}); "
             "re-create it with `pipeline prep`"

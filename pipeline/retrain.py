@@ -22,7 +22,7 @@ import yaml
 from pipeline import registry, tracking
 from pipeline.config import DATASETS, PrepConfig, TrainConfig
 from pipeline.data import load_prepared, to_model_input
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.lock import default_lock_dir, exclusive, lock_path
 from pipeline.loop import Evaluation, evaluate
 from pipeline.losses import build_loss
@@ -376,7 +376,7 @@ def _evaluate_champion(name: str, version: str, data) -> Evaluation:
     try:
         return _evaluate(registry.load_model(name, version), data)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise PipelineError(
             f"could not evaluate champion {name} v{version} on the current test split "
             f"({reason}); the champion is unchanged"
