@@ -39,10 +39,6 @@ def _version(mv: ModelVersion) -> Version:
     return Version(str(mv.version), mv.run_id or "", int(mv.creation_timestamp or 0), mv.tags)
 
 
-def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
-
-
 def champion(name: str) -> Version | None:
     """The version the `champion` alias points to; None when there is none (or no model)."""
     client = MlflowClient()

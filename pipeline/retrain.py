@@ -202,7 +202,7 @@ def retrain(
             f"unknown params_from {params_from!r}; valid choices: {', '.join(PARAMS_FROM)}"
         )
     fail_after = _fail_after()
-    lock = lock_path(Path(lock_dir or default_lock_dir()), cfg.model_name, registry.tracking_uri())
+    lock = lock_path(Path(lock_dir or default_lock_dir()), cfg.model_name, tracking.tracking_uri())
     with exclusive(lock):
         settle_crashed(cfg.model_name)
         return _retrain_locked(cfg, params_from, fail_after)
