@@ -187,7 +187,7 @@ def run_train(
                 "time/setup_seconds": t_loop - t0,
                 "time/loop_seconds": loop_seconds,
                 "time/model_log_seconds": time.perf_counter() - t_loop - loop_seconds,
-                "time/samples_per_second": state.step * cfg.batch_size / loop_seconds,
+                "time/samples_per_second": cfg.epochs * len(y["train"]) / loop_seconds,
             }
         )
     print(
