@@ -284,7 +284,7 @@ def entry() -> None:
         sys.exit(getattr(exc, "exit_code", 1))
     except (click.Abort, KeyboardInterrupt) as exc:
         # click turns KeyboardInterrupt (and so our SIGTERM exception) into Abort.
-        from pipeline.tracking import Terminated
+        from pipeline.signals import Terminated
 
         terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
         click.echo(f"Interrupted by {'SIGTERM' if terminated else 'SIGINT'}", err=True)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pipeline
-from pipeline import tracking
+from pipeline import signals, tracking
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.experiments import Experiment, Trial, load_experiment
@@ -167,7 +167,8 @@ def _run_in_processes(
         while queue or running:
             while queue and len(running) < parallel:
                 trial = queue.pop(0)
-                running[_spawn(trial, experiment_id, parent_id, parallel, logs)] = trial
+                with signals.held():  # a process started but not yet in `running` is never stopped
+                    running[_spawn(trial, experiment_id, parent_id, parallel, logs)] = trial
             time.sleep(POLL_SECONDS)
             for proc in [p for p in running if p.poll() is not None]:
                 trial = running.pop(proc)

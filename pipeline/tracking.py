@@ -31,6 +31,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import pipeline
+from pipeline import signals
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -65,14 +66,6 @@ def version_tags() -> dict[str, str]:
         "python_version": platform.python_version(),
         CODE_VERSION_TAG: code_version(),
     }
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so the run can be closed as KILLED."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
 
 
 Point = tuple[str, float, int, int]  # (key, value, timestamp ms, step): a Metric, unbuilt
@@ -303,27 +296,36 @@ def start_run(
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is resumed instead, as is
     `run_id` when given. `parent_run_id` nests the run under a run of another process.
     """
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    if system_metrics:
-        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-    active = mlflow.start_run(
-        run_id=run_id,
-        run_name=run_name,
-        nested=nested,
-        experiment_id=experiment_id,
-        parent_run_id=parent_run_id,
-        log_system_metrics=system_metrics,
-    )
-    run = Run(active.info.run_id, active.info.experiment_id, writer_process)
-    status = "FAILED"
-    try:
-        mlflow.set_tags({"mlflow.runName": run_name, STEP_TAG: step, **version_tags()})
-        yield run
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
+    with signals.sigterm_raises():
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+        run, status = None, "FAILED"
+        try:
+            # Held until `run` is set: a run created but not yet known here stays RUNNING.
+            with signals.held():
+                active = mlflow.start_run(
+                    run_id=run_id,
+                    run_name=run_name,
+                    nested=nested,
+                    experiment_id=experiment_id,
+                    parent_run_id=parent_run_id,
+                    log_system_metrics=system_metrics,
+                )
+                run = Run(active.info.run_id, active.info.experiment_id, writer_process)
+            mlflow.set_tags({"mlflow.runName": run_name, STEP_TAG: step, **version_tags()})
+            yield run
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if run is not None:
+                _end_run(run, status)
+
+
+def _end_run(run: Run, status: str) -> None:
+    """Write the queued points, then the final status, with signals held until both are in."""
+    with signals.held():
         try:
             run.flush()
         except PipelineError:
@@ -331,7 +333,6 @@ def start_run(
             raise
         finally:
             mlflow.end_run(status)
-            signal.signal(signal.SIGTERM, previous)
 
 
 def log_params(params: dict[str, object]) -> None:

@@ -1,13 +1,19 @@
-"""The metric writer process: every point arrives, and a failed write fails the run."""
+"""The metric writer process (every point arrives, a failed write fails the run) and how
+signals end a run."""
 
 from __future__ import annotations
+
+import os
+import signal
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import signals
 from pipeline import tracking as pt
 from pipeline.errors import PipelineError
+from pipeline.signals import Terminated
 
 
 def test_metric_writer_writes_every_point(tracking):
@@ -34,3 +40,23 @@ def test_a_writer_started_ahead_but_unused_ends_with_the_run(tracking):
         pass
     assert process.proc.poll() == 0
     assert mlflow.active_run() is None
+
+
+def test_a_signal_inside_held_waits_for_the_block_then_acts_as_usual():
+    done = []
+    with pytest.raises(Terminated), signals.sigterm_raises(), signals.held():
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.append("rest of the block")  # a handler would have raised before this line
+    assert done == ["rest of the block"]
+    with pytest.raises(KeyboardInterrupt), signals.held():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("again")
+    assert done == ["rest of the block", "again"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_sigterm_in_a_run_ends_it_killed(tracking):
+    with pytest.raises(Terminated), pt.start_run("train", "stopped") as run:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert MlflowClient().get_run(run.run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
