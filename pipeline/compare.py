@@ -24,8 +24,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
 from pipeline.config import TrainConfig
+from pipeline.configfile import TRAIN_KEYS
 from pipeline.errors import PipelineError
-from pipeline.experiments import DIRECTIONS, TRAIN_KEYS, default_direction
+from pipeline.experiments import DIRECTIONS, default_direction
 
 PARAM_KEYS = (*TRAIN_KEYS, "effective_lr", "effective_momentum")
 METRIC_COLUMNS = ("test/accuracy", "test/loss", "val/accuracy", "train/loss", "time/loop_seconds")

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import typing
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
-from pipeline.config import (
-    DATASETS,
-    DEVICES,
-    LOSSES,
-    MODELS,
-    OPTIMIZERS,
-    PrepConfig,
-    TrainConfig,
+from pipeline.config import PrepConfig, TrainConfig
+from pipeline.configfile import (
+    TRAIN_KEYS,
+    FileErrors,
+    mapping,
+    prep_config,
+    read_yaml,
+    train_value,
+    train_values,
 )
 from pipeline.errors import PipelineError
 from pipeline.steps import validate_train
@@ -40,9 +38,6 @@ RANK_METRICS = (
     "time/samples_per_second",
 )
 DIRECTIONS = ("max", "min")
-CHOICES = {"optimizer": OPTIMIZERS, "loss": LOSSES, "model": MODELS, "device": DEVICES}
-TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "data")
-PREP_KEYS = tuple(f.name for f in fields(PrepConfig))
 NAME_KEYS = ("optimizer", "loss", "model")  # always in a trial's name, in this order
 
 
@@ -78,21 +73,12 @@ def default_direction(metric: str) -> str:
 def load_experiment(path: str | Path) -> Experiment:
     """Read, parse and validate `path`; raises PipelineError naming the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"experiment file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise PipelineError(f"{path}: not valid YAML{where}: {problem}") from None
+    text, doc = read_yaml(path, "experiment file")
     return _parse(path, text, doc)
 
 
 def _parse(path: Path, text: str, doc: object) -> Experiment:
-    err = _Errors(path)
+    err = FileErrors(path)
     if not isinstance(doc, dict):
         raise err("the file must be a mapping with keys experiment, base, grid/runs, ...")
     err.unknown_keys(doc, TOP_KEYS, "the top level")
@@ -108,8 +94,8 @@ def _parse(path: Path, text: str, doc: object) -> Experiment:
     direction = doc.get("direction", default_direction(metric))
     if direction not in DIRECTIONS:
         raise err(f"direction {direction!r} is invalid; valid choices: {', '.join(DIRECTIONS)}")
-    prep = _prep(err, doc.get("data", {}))
-    base = _values(err, _mapping(err, doc.get("base", {}), "base"), "base")
+    prep = prep_config(err, doc.get("data"), "data")
+    base = _values(err, mapping(err, doc.get("base"), "base"), "base")
     combos = _grid(err, doc) + _runs(err, doc)
     seeds = _seeds(err, doc, base, combos)
     trials = _trials(err, base, combos, seeds)
@@ -117,88 +103,15 @@ def _parse(path: Path, text: str, doc: object) -> Experiment:
     return Experiment(path, name, description, prep, trials, metric, direction, digest, text)
 
 
-class _Errors:
-    """Builds the one-line errors, each starting with the file name."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __call__(self, message: str) -> PipelineError:
-        return PipelineError(f"{self.path}: {message}")
-
-    def unknown_keys(self, mapping: dict, valid: tuple[str, ...], where: str) -> None:
-        for key in mapping:
-            if key not in valid:
-                raise self(f"unknown key {key!r} in {where}; valid keys: {', '.join(valid)}")
-
-
-def _mapping(err: _Errors, value: object, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise err(f"key {where!r} must be a mapping of parameter: value")
-    return value
-
-
-def _prep(err: _Errors, value: object) -> PrepConfig:
-    """The optional `data` section: PrepConfig values shared by every trial."""
-    data = _mapping(err, value, "data")
-    err.unknown_keys(data, PREP_KEYS, "data")
-    hints = typing.get_type_hints(PrepConfig)
-    values = {k: _convert(err, f"data.{k}", v, hints[k]) for k, v in data.items()}
-    dataset = values.get("dataset", PrepConfig.dataset)
-    if dataset not in DATASETS:
-        raise err(f"data.dataset {dataset!r} is invalid; valid choices: {', '.join(DATASETS)}")
-    for key in ("val_fraction", "test_fraction"):
-        if key in values and not 0 < values[key] < 1:
-            raise err(f"data.{key} must be between 0 and 1 (exclusive), got {values[key]}")
-    return PrepConfig(**values)
-
-
-def _values(err: _Errors, mapping: dict, where: str) -> dict[str, object]:
-    """TrainConfig values from one mapping, each checked for name, type and choice."""
+def _values(err: FileErrors, mapping: dict, where: str) -> dict[str, object]:
+    """TrainConfig values from one mapping of the file; the data is the sweep's own."""
     if "data" in mapping:
         raise err(f"key 'data' in {where} is set by the sweep; put PrepConfig values under "
                   "the top-level 'data' key")  # fmt: skip
-    err.unknown_keys(mapping, TRAIN_KEYS, where)
-    return {k: _train_value(err, f"{where}.{k}", k, v) for k, v in mapping.items()}
+    return train_values(err, mapping, where)
 
 
-def _train_value(err: _Errors, where: str, key: str, value: object) -> object:
-    value = _convert(err, where, value, typing.get_type_hints(TrainConfig)[key])
-    if key in CHOICES and value not in CHOICES[key]:
-        raise err(f"{where} {value!r} is invalid; valid choices: {', '.join(CHOICES[key])}")
-    return value
-
-
-def _convert(err: _Errors, where: str, value: object, kind: object) -> object:
-    """`value` as the dataclass field type `kind`; YAML's text-looking numbers are accepted."""
-    optional = kind == (float | None)
-    if optional and (value is None or (isinstance(value, str) and value.lower() == "auto")):
-        return None
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise err(f"{where} must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise err(f"{where} must be an integer, got {value!r}")
-    if kind is float or optional:
-        # PyYAML reads `1e-3` (no dot) as text, so numeric text is taken as the number it is.
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        extra = " or 'auto'" if optional else ""
-        raise err(f"{where} must be a number{extra}, got {value!r}")
-    if isinstance(value, str):
-        return value
-    raise err(f"{where} must be a string, got {value!r}")
-
-
-def _grid(err: _Errors, doc: dict) -> list[dict[str, object]]:
+def _grid(err: FileErrors, doc: dict) -> list[dict[str, object]]:
     """The cartesian product of the grid's lists, keys in file order."""
     if "grid" not in doc:
         if "runs" not in doc:
@@ -214,21 +127,21 @@ def _grid(err: _Errors, doc: dict) -> list[dict[str, object]]:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise err(f"grid.{key} must be a non-empty list of values, got {values!r}")
-        lists[key] = [_train_value(err, f"grid.{key}", key, v) for v in values]
+        lists[key] = [train_value(err, f"grid.{key}", key, v) for v in values]
     return [dict(zip(lists, combo, strict=True)) for combo in itertools.product(*lists.values())]
 
 
-def _runs(err: _Errors, doc: dict) -> list[dict[str, object]]:
+def _runs(err: FileErrors, doc: dict) -> list[dict[str, object]]:
     runs = doc.get("runs", [])
     if not isinstance(runs, list) or ("runs" in doc and not runs):
         raise err("key 'runs' must be a non-empty list of parameter mappings")
     out = []
     for i, run in enumerate(runs):
-        out.append(_values(err, _mapping(err, run, f"runs[{i}]"), f"runs[{i}]"))
+        out.append(_values(err, mapping(err, run, f"runs[{i}]"), f"runs[{i}]"))
     return out
 
 
-def _seeds(err: _Errors, doc: dict, base: dict, combos: list[dict]) -> list[int] | None:
+def _seeds(err: FileErrors, doc: dict, base: dict, combos: list[dict]) -> list[int] | None:
     if "seeds" not in doc:
         return None
     seeds = doc["seeds"]
@@ -244,7 +157,9 @@ def _seeds(err: _Errors, doc: dict, base: dict, combos: list[dict]) -> list[int]
     return seeds
 
 
-def _trials(err: _Errors, base: dict, combos: list[dict], seeds: list[int] | None) -> list[Trial]:
+def _trials(
+    err: FileErrors, base: dict, combos: list[dict], seeds: list[int] | None
+) -> list[Trial]:
     """Every combination over `base`, once per seed, each validated as a whole config."""
     settings = [{**base, **c} for c in combos]
     if seeds is not None:

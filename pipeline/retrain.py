@@ -13,14 +13,15 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields, replace
+import typing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from pipeline import registry, tracking
-from pipeline.config import DATASETS, PrepConfig, TrainConfig
+from pipeline import configfile, registry, tracking
+from pipeline.config import PrepConfig, TrainConfig
 from pipeline.data import load_prepared, to_model_input
 from pipeline.errors import PipelineError, first_line
 from pipeline.lock import default_lock_dir, exclusive, lock_path
@@ -32,6 +33,10 @@ METRICS = {"accuracy": "maximize", "loss": "minimize"}  # on the current test sp
 PARAMS_FROM = ("config", "champion")
 FAIL_AFTER_ENV = "PIPELINE_FAIL_AFTER"  # failure injection for tests: a stage name below
 STAGES = ("prep", "train", "evaluate", "register", "promote")
+
+
+RULE_KEYS = ("model_name", "metric", "direction", "min_delta")
+TOP_KEYS = (*RULE_KEYS, "prep", "train")
 
 
 @dataclass(frozen=True)
@@ -73,75 +78,30 @@ class RetrainResult:
 def load_config(path: str | Path) -> RetrainConfig:
     """Read and validate a retrain YAML file; any bad key or value names the file and key."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"retrain config {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    _, raw = configfile.read_yaml(path, "retrain config")
+    err = configfile.FileErrors(path)
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
-    top = {f.name for f in fields(RetrainConfig)}
-    _reject_unknown(path, "", raw, top)
-    prep = _section(path, "prep", raw.get("prep"), PrepConfig, ())
-    train = _section(path, "train", raw.get("train"), TrainConfig, ("data",))
-    values = {
-        k: _coerce(path, k, raw[k], RetrainConfig) for k in top - {"prep", "train"} if k in raw
-    }
+        raise err(f"expected a mapping of keys, got {type(raw).__name__}")
+    err.unknown_keys(raw, TOP_KEYS, "the top level")
+    prep = configfile.prep_config(err, raw.get("prep"), "prep")
+    train = configfile.train_values(
+        err, configfile.mapping(err, raw.get("train"), "train"), "train"
+    )
+    hints = typing.get_type_hints(RetrainConfig)
+    values = {k: configfile.convert(err, k, v, hints[k]) for k, v in raw.items() if k in RULE_KEYS}
     if "metric" in values and "direction" not in values:
         values["direction"] = METRICS.get(values["metric"], "maximize")
-    cfg = RetrainConfig(**values, prep=prep, train=train)
+    cfg = RetrainConfig(**values, prep=prep, train=TrainConfig(**train))
     validate(cfg, str(path))
     return cfg
-
-
-def _reject_unknown(path: Path, where: str, raw: dict, known: set[str]) -> None:
-    for key in raw:
-        if key not in known:
-            raise PipelineError(
-                f"{path}: unknown key {where}{key!r}; valid keys: {', '.join(sorted(known))}"
-            )
-
-
-def _section(path: Path, name: str, raw, cls, skip: tuple[str, ...]):
-    """A PrepConfig or TrainConfig from one mapping of the file, defaults for missing keys."""
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: {name!r} must be a mapping, got {type(raw).__name__}")
-    known = {f.name for f in fields(cls)} - set(skip)
-    _reject_unknown(path, f"{name}.", raw, known)
-    return cls(**{k: _coerce(path, f"{name}.{k}", v, cls) for k, v in raw.items()})
-
-
-def _coerce(path: Path | str, key: str, value, cls):
-    """`value` as the type of the field's default; lr/momentum also take 'auto' (None)."""
-    name = key.split(".")[-1]
-    default = getattr(cls(), name)
-    if name in ("lr", "momentum"):
-        if value is None or (isinstance(value, str) and value.lower() in ("auto", "none")):
-            return None
-        default = 0.0
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-    }[type(default)]
-    if isinstance(value, str) and type(default) in (int, float) and not isinstance(value, bool):
-        with contextlib.suppress(ValueError):  # params read back from MLflow are strings
-            value = type(default)(value)
-    if isinstance(value, str) and type(default) is bool and value in ("True", "False"):
-        value = value == "True"
-    if not ok(value):
-        raise PipelineError(f"{path}: {key} must be {type(default).__name__}, got {value!r}")
-    return float(value) if type(default) is float else value
 
 
 def validate(cfg: RetrainConfig, source: str = "retrain config") -> None:
     """Every choice and range, before any lock, run or version exists."""
     from pipeline.lock import MODEL_NAME
-    from pipeline.steps import validate_train
+    from pipeline.steps import validate_prep, validate_train
 
     if not MODEL_NAME.match(cfg.model_name):
         raise PipelineError(
@@ -158,13 +118,10 @@ def validate(cfg: RetrainConfig, source: str = "retrain config") -> None:
         )
     if not (cfg.min_delta >= 0 and math.isfinite(cfg.min_delta)):
         raise PipelineError(f"{source}: min_delta must be a number >= 0, got {cfg.min_delta}")
-    if cfg.prep.dataset not in DATASETS:
-        raise PipelineError(
-            f"{source}: unknown dataset {cfg.prep.dataset!r}; valid choices: {', '.join(DATASETS)}"
-        )
-    for name in ("val_fraction", "test_fraction"):
-        if not 0 < getattr(cfg.prep, name) < 1:
-            raise PipelineError(f"{source}: prep.{name} must be in (0, 1)")
+    try:
+        validate_prep(cfg.prep)
+    except PipelineError as exc:
+        raise PipelineError(f"{source}: prep.{exc}") from None
     try:
         validate_train(cfg.train)
     except PipelineError as exc:
@@ -384,13 +341,23 @@ def _evaluate_champion(name: str, version: str, data) -> Evaluation:
 
 
 def champion_train_config(version: registry.Version) -> TrainConfig:
-    """The train parameters the champion's own train run used (params are strings there)."""
+    """The train parameters the champion's own train run used.
+
+    MLflow keeps params as text: each is read back as the YAML scalar it spells
+    (`128`, `True`, `0.001`; `none` is an unset lr or momentum).
+    """
     params = registry.run_params(version.tags.get("source_run_id") or version.run_id)
-    known = {f.name for f in fields(TrainConfig)} - {"data"}
-    where = f"champion v{version.version} params"
-    return TrainConfig(
-        **{k: _coerce(where, k, v, TrainConfig) for k, v in params.items() if k in known}
-    )
+    err = configfile.FileErrors(f"champion v{version.version} params")
+    values = {k: _scalar(v) for k, v in params.items() if k in configfile.TRAIN_KEYS}
+    return TrainConfig(**configfile.train_values(err, values, "train"))
+
+
+def _scalar(text: str) -> object:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return None if value == "none" else value
 
 
 # --- after a crash, and the history -----------------------------------------------------

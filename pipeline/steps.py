@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking
-from pipeline.config import LOSSES, MODELS, PrepConfig, TrainConfig
+from pipeline.config import DATASETS, LOSSES, MODELS, PrepConfig, TrainConfig
 from pipeline.console import ConsoleReporter, Fanout
 from pipeline.data import (
     class_counts,
@@ -64,6 +64,19 @@ def run_prep(cfg: PrepConfig, *, nested: bool = False, experiment_id: str | None
         tracking.log_prepared_data(path, digest, sizes, data.source, class_counts(data))
     print(f"data_prep: {path} sha256={digest[:12]} sizes={sizes} run_id={run.run_id}")
     return PrepResult(run.run_id, path, digest)
+
+
+def validate_prep(cfg: PrepConfig) -> None:
+    """Check the choice and ranges of `cfg`; each message starts with the field it names."""
+    if cfg.dataset not in DATASETS:
+        raise PipelineError(
+            f"dataset {cfg.dataset!r} is invalid; valid choices: {', '.join(DATASETS)}"
+        )
+    for name in ("val_fraction", "test_fraction"):
+        if not 0 < getattr(cfg, name) < 1:
+            raise PipelineError(
+                f"{name} must be between 0 and 1 (exclusive), got {getattr(cfg, name)}"
+            )
 
 
 def validate_train(cfg: TrainConfig) -> tuple[float, float | None]:

@@ -137,16 +137,28 @@ def test_the_shipped_config_loads():
 @pytest.mark.parametrize(
     "body, needle",
     [
-        ({"modle_name": "x"}, "unknown key 'modle_name'; valid keys: direction, metric"),
-        ({"train": {"epoch": 2}}, "unknown key train.'epoch'"),
+        (
+            {"modle_name": "x"},
+            "unknown key 'modle_name' in the top level; valid keys: model_name, metric",
+        ),
+        ({"train": {"epoch": 2}}, "unknown key 'epoch' in train; valid keys: model, optimizer"),
         ({"metric": "f1"}, "unknown metric 'f1'; valid choices: accuracy, loss"),
         ({"metric": "loss", "direction": "maximize"}, "valid choice: minimize"),
         ({"min_delta": -1}, "min_delta must be a number >= 0"),
-        ({"min_delta": "big"}, "min_delta must be float, got 'big'"),
-        ({"train": {"epochs": "three"}}, "train.epochs must be int, got 'three'"),
-        ({"train": {"optimizer": "lbfgs"}}, "unknown optimizer 'lbfgs'; valid choices: sgd"),
-        ({"prep": {"dataset": "cifar"}}, "unknown dataset 'cifar'; valid choices: mnist-sample"),
+        ({"min_delta": "big"}, "min_delta must be a number, got 'big'"),
+        ({"train": {"epochs": "three"}}, "train.epochs must be an integer, got 'three'"),
+        (
+            {"train": {"optimizer": "lbfgs"}},
+            "train.optimizer 'lbfgs' is invalid; valid choices: sgd",
+        ),
+        (
+            {"prep": {"dataset": "cifar"}},
+            "prep.dataset 'cifar' is invalid; valid choices: mnist-sample",
+        ),
         ({"model_name": "a b"}, "invalid model_name 'a b'"),
+        ({"prep": {"val_fraction": 1}}, "prep.val_fraction must be between 0 and 1"),
+        ({"train": {"data": "f.pt"}}, "unknown key 'data' in train"),
+        ({"train": {"lr": "fast"}}, "train.lr must be a number or 'auto', got 'fast'"),
         (["a", "list"], "expected a mapping"),
     ],
 )
@@ -237,7 +249,7 @@ def test_crash_never_moves_champion_and_the_next_run_recovers(tracking, tmp_path
     bad = _config(tmp_path, {"optimizer": "lbfgs"}, file="bad.yaml")
     proc = run_cli("retrain", "--config", str(bad), "--lock-dir", "locks", cwd=tmp_path)
     assert proc.returncode == 1
-    assert_one_line_error(proc, "unknown optimizer 'lbfgs'")
+    assert_one_line_error(proc, "train.optimizer 'lbfgs' is invalid; valid choices: sgd")
     assert len(client.search_runs(["0"], "tags.`pipeline.step` = 'retrain'")) == 1
 
     # A failure after registration, before promotion: the better version stays pending.
