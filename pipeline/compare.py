@@ -8,25 +8,22 @@ MLflow UI; comparing a whole experiment logs them to a new `compare` run there.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
-import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import mlflow
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
 
 from pipeline import tracking
 from pipeline.config import TrainConfig
 from pipeline.configfile import TRAIN_KEYS
 from pipeline.errors import PipelineError
 from pipeline.experiments import DIRECTIONS, default_direction
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 PARAM_KEYS = (*TRAIN_KEYS, "effective_lr", "effective_momentum")
 METRIC_COLUMNS = ("test/accuracy", "test/loss", "val/accuracy", "train/loss", "time/loop_seconds")
@@ -62,18 +59,15 @@ def compare(
     target: str, metric: str | None = None, direction: str | None = None, out: Path | None = None
 ) -> Comparison:
     """Rank the FINISHED train runs of `target` (experiment name or sweep parent run id)."""
-    client = MlflowClient()
-    parent = _parent_run(client, target)
+    parent = tracking.find_run(target) if RUN_ID.match(target) else None
     if parent is not None:
-        runs = _sweep_runs(client, parent)
+        runs = _sweep_runs(parent)
         metric = metric or parent.data.params.get("metric", "test/accuracy")
         direction = direction or parent.data.params.get("direction")
         title = f"sweep {parent.info.run_name} ({parent.info.run_id})"
     else:
-        experiment = _experiment(client, target)
-        runs = client.search_runs(
-            [experiment.experiment_id], f"tags.`{tracking.STEP_TAG}` = 'train'", max_results=5000
-        )
+        experiment = tracking.experiment_by_name(target)
+        runs = tracking.train_runs(experiment.experiment_id)
         metric = metric or "test/accuracy"
         title = f"experiment {experiment.name}"
     direction = direction or default_direction(metric)
@@ -81,68 +75,26 @@ def compare(
         raise PipelineError(f"direction {direction!r} is invalid; valid choices: max, min")
     comparison = _rank(title, [r for r in runs if r.info.status == "FINISHED"], metric, direction)
     print(format_text(comparison))
-    log_to = parent.info.run_id if parent is not None else _new_compare_run(client, experiment)
-    _write_artifacts(client, comparison, log_to, out)
+    if parent is not None:
+        log_to = parent.info.run_id
+    else:  # a run of its own to hold an experiment-wide comparison's artifacts
+        log_to = tracking.create_finished_run(
+            experiment.experiment_id, f"compare-{experiment.name}", "compare"
+        )
+    _write_artifacts(comparison, log_to, out)
     return comparison
 
 
-def _parent_run(client: MlflowClient, target: str) -> Run | None:
-    if not RUN_ID.match(target):
-        return None
-    try:
-        return client.get_run(target)
-    except mlflow.exceptions.MlflowException:
-        return None
-
-
-def _experiment(client: MlflowClient, name: str):
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        names = [e.name for e in client.search_experiments()]
-        raise PipelineError(
-            f"{name!r} is neither an experiment nor a run id; experiments: {', '.join(names)}"
-        )
-    return experiment
-
-
-def _sweep_runs(client: MlflowClient, parent: Run) -> list[Run]:
+def _sweep_runs(parent: Run) -> list[Run]:
     """The parent's train children, plus finished runs it reused from earlier sweeps."""
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-        f"and tags.`{tracking.STEP_TAG}` = 'train'",
-        max_results=5000,
-    )
+    runs = tracking.train_runs(parent.info.experiment_id, parent.info.run_id)
     seen = {r.info.run_id for r in runs}
-    for entry in _trials_file(client, parent.info.run_id):
+    # trials.json is missing when the sweep was interrupted before its end.
+    for entry in tracking.load_json_artifact(parent.info.run_id, "trials.json") or []:
         if entry.get("run_id") and entry["run_id"] not in seen:
-            runs.append(client.get_run(entry["run_id"]))
+            runs.append(tracking.get_run(entry["run_id"]))
             seen.add(entry["run_id"])
     return runs
-
-
-def _trials_file(client: MlflowClient, run_id: str) -> list[dict]:
-    """The sweep's trials.json; missing when the sweep was interrupted before its end."""
-    if "trials.json" not in {a.path for a in client.list_artifacts(run_id)}:
-        return []
-    folder = tempfile.mkdtemp(prefix="pipeline-compare-")
-    with _no_progress_bar():
-        path = client.download_artifacts(run_id, "trials.json", folder)
-    return json.loads(Path(path).read_text())
-
-
-@contextlib.contextmanager
-def _no_progress_bar():
-    """MLflow draws a download progress bar even for one small file; not in our table."""
-    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"]
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 def _rank(title: str, runs: list[Run], metric: str, direction: str) -> Comparison:
@@ -199,26 +151,15 @@ def write_csv(c: Comparison, path: Path) -> None:
         writer.writerows(rows)
 
 
-def _new_compare_run(client: MlflowClient, experiment) -> str:
-    """A FINISHED run in the experiment to hold an experiment-wide comparison's artifacts."""
-    run = client.create_run(
-        experiment.experiment_id,
-        run_name=f"compare-{experiment.name}",
-        tags={tracking.STEP_TAG: "compare", tracking.CODE_VERSION_TAG: tracking.code_version()},
-    )
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
-
-
-def _write_artifacts(client: MlflowClient, c: Comparison, run_id: str, out: Path | None) -> None:
+def _write_artifacts(c: Comparison, run_id: str, out: Path | None) -> None:
     """Tables and plots to `run_id` under compare/, and to `out` when given."""
     from pipeline import plots
 
     folder = Path(tempfile.mkdtemp(prefix="pipeline-compare-"))
     write_csv(c, folder / "table.csv")
     (folder / "table.md").write_text(format_markdown(c))
-    plots.loss_curves(_series(client, c.runs, "train/loss"), folder / "loss_curves.png")
-    plots.val_accuracy(_series(client, c.runs, "val/accuracy"), folder / "val_accuracy.png")
+    plots.loss_curves(_series(c.runs, "train/loss"), folder / "loss_curves.png")
+    plots.val_accuracy(_series(c.runs, "val/accuracy"), folder / "val_accuracy.png")
     finals = [
         plots.Series(r.info.run_name, r.data.params.get("optimizer", "?"),
                      _bar_label(r, c.params), [(0, r.data.metrics[c.metric])])
@@ -226,7 +167,7 @@ def _write_artifacts(client: MlflowClient, c: Comparison, run_id: str, out: Path
         if c.metric in r.data.metrics
     ]  # fmt: skip
     plots.metric_bars(finals, c.metric, folder / "metric_by_optimizer_loss.png")
-    client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
+    tracking.log_artifacts_to(run_id, folder, ARTIFACT_DIR)
     c.log_run_id = run_id
     c.files = {p.name: p for p in folder.iterdir()}
     if out is not None:
@@ -249,7 +190,7 @@ def _bar_label(run: Run, varying: list[str]) -> str:
     return " ".join([run.data.params.get("loss", "?"), *extra])
 
 
-def _series(client: MlflowClient, runs: list[Run], key: str):
+def _series(runs: list[Run], key: str):
     """Each run's full history of `key`, in step order."""
     from pipeline.plots import Series
 
@@ -258,7 +199,7 @@ def _series(client: MlflowClient, runs: list[Run], key: str):
             r.info.run_name,
             r.data.params.get("optimizer", "?"),
             r.data.params.get("loss", "?"),
-            sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)),
+            tracking.metric_history(r.info.run_id, key),
         )
         for r in runs
     ]

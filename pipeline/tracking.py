@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import platform
@@ -449,6 +450,88 @@ def find_unfinished_sweep(experiment_id: str, file_digest: str) -> str | None:
     if runs and runs[0].info.status != "FINISHED":
         return runs[0].info.run_id
     return None
+
+
+# --- reading runs back (`pipeline compare`) -----------------------------------------------
+
+
+def find_run(run_id: str) -> mlflow.entities.Run | None:
+    """The run with this id, or None where there is none."""
+    try:
+        return MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def get_run(run_id: str) -> mlflow.entities.Run:
+    return MlflowClient().get_run(run_id)
+
+
+def experiment_by_name(name: str) -> mlflow.entities.Experiment:
+    """Experiment `name`; the error lists the experiments there are."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        names = [e.name for e in client.search_experiments()]
+        raise PipelineError(
+            f"{name!r} is neither an experiment nor a run id; experiments: {', '.join(names)}"
+        )
+    return experiment
+
+
+def train_runs(experiment_id: str, parent_run_id: str | None = None) -> list[mlflow.entities.Run]:
+    """The train runs of an experiment, or only the children of `parent_run_id`; any status."""
+    query = f"tags.`{STEP_TAG}` = 'train'"
+    if parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    return MlflowClient().search_runs([experiment_id], query, max_results=5000)
+
+
+def load_json_artifact(run_id: str, artifact_file: str) -> object | None:
+    """A JSON file logged to a run, or None where the run has none (yet)."""
+    client = MlflowClient()
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id)}:
+        return None
+    folder = tempfile.mkdtemp(prefix="pipeline-artifact-")
+    with _no_progress_bar():
+        path = client.download_artifacts(run_id, artifact_file, folder)
+    return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow draws a download progress bar even for one small file."""
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"]
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """Every logged point of `key` as (step, value), in step order."""
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def create_finished_run(experiment_id: str, run_name: str, step: str) -> str:
+    """A FINISHED run that only holds artifacts logged to it afterwards (`log_artifacts_to`)."""
+    client = MlflowClient()
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={STEP_TAG: step, CODE_VERSION_TAG: code_version()},
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def log_artifacts_to(run_id: str, folder: Path, artifact_path: str) -> None:
+    """Every file of `folder` to a run that need not be the active one."""
+    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
