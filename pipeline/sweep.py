@@ -22,7 +22,7 @@ from pathlib import Path
 import pipeline
 from pipeline import signals, tracking
 from pipeline.config import TrainConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.experiments import Experiment, Trial, load_experiment
 from pipeline.steps import PrepResult, prep_or_reuse, requested_params, run_train
 
@@ -142,16 +142,12 @@ def _run_here(trials: list[Trial], experiment_id: str) -> list[Outcome]:
             )
         except Exception as exc:  # any failure of one trial; KeyboardInterrupt stops the sweep
             traceback.print_exc()
-            outcomes.append(Outcome(trial, "failed", message=_first_line(exc)))
-            print(f"[{i}/{len(trials)}] {trial.name} FAILED: {_first_line(exc)}", file=sys.stderr)
+            reason = first_line(exc, with_type=True)[:200]
+            outcomes.append(Outcome(trial, "failed", message=reason))
+            print(f"[{i}/{len(trials)}] {trial.name} FAILED: {reason}", file=sys.stderr)
             continue
         outcomes.append(Outcome(trial, "ran", result.run_id))
     return outcomes
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 def _run_in_processes(
