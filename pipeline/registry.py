@@ -77,11 +77,6 @@ def versions(name: str) -> list[Version]:
             return sorted((_version(mv) for mv in found), key=lambda v: int(v.version))
 
 
-def run_params(run_id: str) -> dict[str, str]:
-    """The params of a run, e.g. the train run that produced a version."""
-    return MlflowClient().get_run(run_id).data.params
-
-
 def load_model(name: str, version: str):
     """The native PyTorch module of one version (pt2 models load as an exported graph)."""
     return mlflow.pytorch.load_model(f"models:/{name}/{version}")

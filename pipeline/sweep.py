@@ -80,7 +80,7 @@ def print_plan(exp: Experiment) -> None:
 
 def _check_mlflow_run_experiment(exp: Experiment, run_id: str) -> None:
     """`mlflow run` made the parent run already; its experiment must be the file's."""
-    name = tracking.experiment_name(tracking.experiment_of_run(run_id))
+    name = tracking.experiment_name(tracking.get_run(run_id).info.experiment_id)
     if name != exp.name:
         raise PipelineError(
             f"{exp.path} names experiment {exp.name!r} but `mlflow run` logs to {name!r}; "

@@ -432,10 +432,6 @@ def experiment_name(experiment_id: str) -> str:
     return MlflowClient().get_experiment(experiment_id).name
 
 
-def experiment_of_run(run_id: str) -> str:
-    return MlflowClient().get_run(run_id).info.experiment_id
-
-
 def find_unfinished_sweep(experiment_id: str, file_digest: str) -> str | None:
     """The newest sweep run of this file and code version that did not finish, to resume."""
     runs = MlflowClient().search_runs(
@@ -452,13 +448,13 @@ def find_unfinished_sweep(experiment_id: str, file_digest: str) -> str | None:
     return None
 
 
-# --- reading runs back (`pipeline compare`) -----------------------------------------------
+# --- reading runs back -------------------------------------------------------------------
 
 
 def find_run(run_id: str) -> mlflow.entities.Run | None:
     """The run with this id, or None where there is none."""
     try:
-        return MlflowClient().get_run(run_id)
+        return get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return None
 
@@ -552,7 +548,7 @@ def prepared_file_of(run_id: str) -> tuple[Path, str]:
     from pipeline.data import file_digest
 
     try:
-        run = MlflowClient().get_run(run_id)
+        run = get_run(run_id)
     except Exception:
         raise PipelineError(
             f"data {run_id!r} is neither an existing file nor a data_prep run id"
