@@ -57,11 +57,18 @@ class Pin:
 
 
 def lock_digest(path: Path = LOCK_FILE) -> str:
-    """The file's sha256, first 12 hex digits (`sha256sum FILE | cut -c1-12`); 'none' if absent."""
+    """sha256 of the lock's lines less comments and blank lines, first 12 hex digits, as
+    `grep -Ev '^\\s*(#|$)' FILE | sha256sum | cut -c1-12`; 'none' if there is no file.
+
+    Only pins, hashes and options count: uv's `# via` annotations name the constraint files of
+    the machine that locked, and do not change what gets installed.
+    """
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        text = path.read_text()
     except FileNotFoundError:
         return "none"
+    kept = (line for line in text.splitlines(keepends=True) if line.strip()[:1] not in ("", "#"))
+    return hashlib.sha256("".join(kept).encode()).hexdigest()[:12]
 
 
 @functools.cache

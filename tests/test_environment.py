@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -74,22 +75,31 @@ def test_dev_and_bench_locks_keep_every_runtime_pin():
         assert runtime <= extended, f"{stem}.txt repins {sorted(runtime - extended)}"
 
 
+def _shell_digest(lock: Path) -> str:
+    """The digest by the README's shell recipe."""
+    cmd = f"grep -Ev '^\\s*(#|$)' {lock} | sha256sum | cut -c1-12"
+    done = subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
 def test_conda_yaml_installs_the_runtime_lock_and_names_its_digest():
     text = (ROOT / "conda.yaml").read_text()
     pip = next(d for d in yaml.safe_load(text)["dependencies"] if isinstance(d, dict))["pip"]
     assert pip == ["-r requirements/runtime.txt"]
-    digest = hashlib.sha256((ROOT / "requirements/runtime.txt").read_bytes()).hexdigest()[:12]
+    digest = _shell_digest(ROOT / "requirements/runtime.txt")
+    assert environment.lock_digest() == digest
     assert f"\n# lock: requirements/runtime.txt sha256 {digest}\n" in text, "run `make lock`"
 
 
 def test_stamp_conda_yaml_rewrites_the_digest_line(tmp_path):
     lock = tmp_path / "requirements" / "runtime.txt"
     lock.parent.mkdir()
-    lock.write_text("click==8.1.0\n")
+    lock.write_text("# made by hand\nclick==8.1.0\n    # via pipeline (pyproject.toml)\n\n")
     conda = tmp_path / "conda.yaml"
     conda.write_text("# a comment\n# lock: requirements/runtime.txt sha256 none\nname: x\n")
     environment.stamp_conda_yaml(conda, lock)
-    digest = hashlib.sha256(b"click==8.1.0\n").hexdigest()[:12]
+    digest = hashlib.sha256(b"click==8.1.0\n").hexdigest()[:12]  # comments do not count
+    assert _shell_digest(lock) == digest
     assert conda.read_text().splitlines()[1] == f"# lock: requirements/runtime.txt sha256 {digest}"
     conda.write_text("name: x\n")
     with pytest.raises(ValueError, match="# lock: "):
@@ -107,7 +117,7 @@ def test_tags_name_every_package_that_is_not_the_locks(tmp_path):
         "pywin32==312 ; sys_platform == 'no-such-platform'\n    # via click\n"
     )
     tags = environment.tags(lock)
-    assert tags["pipeline.lock_digest"] == hashlib.sha256(lock.read_bytes()).hexdigest()[:12]
+    assert tags["pipeline.lock_digest"] == _shell_digest(lock)
     assert tags["pipeline.lock_mismatch"] == (
         f"click {click} (lock 0.1); no-such-package missing (lock 1.0)"
     )
@@ -127,7 +137,7 @@ def test_run_records_its_environment_and_the_model_requires_the_locks_pins(
     result = run_train(TrainConfig(data=str(sample_file), epochs=1, log_every=1000))
     tags = MlflowClient().get_run(result.run_id).data.tags
     lock = ROOT / "requirements/runtime.txt"
-    assert tags["pipeline.lock_digest"] == hashlib.sha256(lock.read_bytes()).hexdigest()[:12]
+    assert tags["pipeline.lock_digest"] == _shell_digest(lock)
     assert tags["pipeline.lock_mismatch"] == "none", (
         "this environment is not the lock's; `make test` installs it from requirements/dev.txt"
     )
