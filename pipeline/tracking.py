@@ -55,9 +55,12 @@ def code_version() -> str:
 
 
 def version_tags() -> dict[str, str]:
+    """Versions, code digest and environment (pipeline.environment.tags) of a new run."""
     import importlib.metadata
 
     import torch
+
+    from pipeline import environment
 
     return {
         "torch_version": torch.__version__,
@@ -66,6 +69,7 @@ def version_tags() -> dict[str, str]:
         "mlflow_version": mlflow.__version__,
         "python_version": platform.python_version(),
         CODE_VERSION_TAG: code_version(),
+        **environment.tags(),
     }
 
 
@@ -611,28 +615,39 @@ def log_model(model, example, *, registered_model_name: str | None = None):
     """Log the model as a pt2 (torch.export) artifact, loadable by pyfunc and servable.
 
     pip requirements are given explicitly: inferring them imports the model in a
-    subprocess and costs seconds on every run.
+    subprocess and costs seconds on every run. They pin the versions the model ran with and,
+    when this environment is the lock's, carry every pin of the lock as the model's
+    `constraints.txt`, so an environment rebuilt to serve it is the one that trained it.
     """
     import numpy as np
     import torch
     from mlflow.models import infer_signature
 
+    from pipeline import environment
+
     model = model.eval()
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     base = lambda v: v.split("+")[0]  # noqa: E731 - drop local tags like +cpu / +cu130
-    return mlflow.pytorch.log_model(
-        model,
-        name="model",
-        signature=infer_signature(example, output),
-        input_example=example,
-        pip_requirements=[
-            f"torch=={base(torch.__version__)}",
-            f"mlflow=={mlflow.__version__}",
-            f"numpy=={np.__version__}",
-        ],
-        registered_model_name=registered_model_name,
-    )
+    requirements = [
+        f"torch=={base(torch.__version__)}",
+        f"mlflow=={mlflow.__version__}",
+        f"numpy=={np.__version__}",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        if (pins := environment.model_constraints()) is not None:
+            # MLflow copies a `-c` file into the model; it takes no constraint lines directly.
+            constraints = Path(tmp, "constraints.txt")
+            constraints.write_text("\n".join(pins) + "\n")
+            requirements.append(f"-c {constraints}")
+        return mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=requirements,
+            registered_model_name=registered_model_name,
+        )
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
