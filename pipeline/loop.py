@@ -34,16 +34,16 @@ class StepLog(NamedTuple):
 
 
 class Diverged(Exception):  # noqa: N818 - an outcome of training, not an error
-    """Training stopped: the loss of global step `step` was `loss`, not a finite number.
+    """Training stopped: `key` (a loss) was `loss`, not a finite number, at global step `step`.
 
     Raised by `train_epoch` once the rows up to and including that step have gone to the
     tracker. Found among the logged steps only (every `log_every`-th), at most `SYNC_EVERY`
     logged steps after it happened: the loop reads losses in batches (see the module doc).
     """
 
-    def __init__(self, step: int, loss: float) -> None:
-        super().__init__(f"train/loss is {loss} at step {step}")
-        self.step, self.loss = step, loss
+    def __init__(self, step: int, loss: float, key: str = "train/loss") -> None:
+        super().__init__(f"{key} is {loss} at step {step}")
+        self.step, self.loss, self.key = step, loss, key
 
 
 class Tracker(Protocol):

@@ -199,6 +199,8 @@ def run_train(
                 tracker.log_metrics(
                     {"val/loss": val.loss, "val/accuracy": val.accuracy}, state.epoch
                 )
+                if not math.isfinite(val.loss):  # logged train steps can miss it (log_every)
+                    raise Diverged(state.step, val.loss, "val/loss")
         except Diverged as exc:  # an outcome, not a failure: the run ends FINISHED
             diverged = exc
         loop_seconds = time.perf_counter() - t_loop
@@ -233,7 +235,7 @@ def run_train(
         )
     else:
         print(
-            f"train: diverged at step {diverged.step} (train/loss={diverged.loss}) in epoch "
+            f"train: diverged at step {diverged.step} ({diverged.key}={diverged.loss}) in epoch "
             f"{state.epoch} of {cfg.epochs}: stopped, no model logged; run_id={run.run_id}"
         )
     at = diverged.step if diverged is not None else None

@@ -123,6 +123,20 @@ def test_diverged_run_stops_early_finished_tagged_and_without_a_model(
     assert "time/loop_seconds" in run.data.metrics
 
 
+def test_divergence_between_logged_steps_is_found_by_the_validation_loss(
+    tracking, sample_file, capsys
+):
+    result = run_train(_diverging(sample_file, log_every=1000))  # no train step is logged
+    assert result.diverged_at == STEPS_PER_EPOCH  # the end of epoch 1
+    assert "(val/loss=nan) in epoch 1 of 2: stopped" in capsys.readouterr().out
+    client = MlflowClient()
+    assert client.get_metric_history(result.run_id, "train/loss") == []
+    (val,) = client.get_metric_history(result.run_id, "val/loss")
+    assert val.step == 1 and math.isnan(val.value)
+    tags = client.get_run(result.run_id).data.tags
+    assert tags["pipeline.diverged_at_step"] == str(STEPS_PER_EPOCH)
+
+
 def test_cli_train_that_diverges_exits_0_and_a_sweep_reads_it_as_diverged(
     tracking, tmp_path, sample_file
 ):
