@@ -5,6 +5,7 @@ Each validates its input before a run exists, so bad input never leaves a run be
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from pipeline.data import (
 )
 from pipeline.device import device_name, resolve_device
 from pipeline.errors import PipelineError
-from pipeline.loop import TrainState, evaluate, train_epoch
+from pipeline.loop import Diverged, Evaluation, TrainState, evaluate, train_epoch
 from pipeline.losses import build_loss
 from pipeline.models import build_model, count_parameters, training_forward
 from pipeline.optimizers import build_optimizer, resolve_hparams
@@ -39,13 +40,20 @@ class PrepResult:
     reused: bool = False
 
 
+DIVERGED_TAG = "pipeline.diverged"  # "true" or "false" on every train run that ends FINISHED
+DIVERGED_STEP_TAG = "pipeline.diverged_at_step"  # the global step whose loss was not finite
+
+
 @dataclass(frozen=True)
 class TrainResult:
+    """A FINISHED train run; when it diverged, test metrics are NaN and there is no model."""
+
     run_id: str
     test_loss: float
     test_accuracy: float
-    model_uri: str
+    model_uri: str | None
     model: torch.nn.Module  # the trained network, on the CPU
+    diverged_at: int | None = None  # global step of the first loss that was not finite
 
 
 def run_prep(cfg: PrepConfig, *, nested: bool = False, experiment_id: str | None = None):
@@ -174,25 +182,41 @@ def run_train(
         console = ConsoleReporter(cfg.epochs * steps_per_epoch, cfg.print_every)
         tracker = Fanout([run.tracker, console])
         t_loop = time.perf_counter()
-        for _ in range(cfg.epochs):
-            train_epoch(
-                state,
-                x["train"],
-                y["train"],
-                loss_fn,
-                tracker,
-                cfg.batch_size,
-                cfg.log_every,
-                cfg.amp,
-            )
-            val = evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
-            tracker.log_metrics({"val/loss": val.loss, "val/accuracy": val.accuracy}, state.epoch)
+        diverged = None
+        try:
+            for _ in range(cfg.epochs):
+                train_epoch(
+                    state,
+                    x["train"],
+                    y["train"],
+                    loss_fn,
+                    tracker,
+                    cfg.batch_size,
+                    cfg.log_every,
+                    cfg.amp,
+                )
+                val = evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
+                tracker.log_metrics(
+                    {"val/loss": val.loss, "val/accuracy": val.accuracy}, state.epoch
+                )
+                if not math.isfinite(val.loss):  # logged train steps can miss it (log_every)
+                    raise Diverged(state.step, val.loss, "val/loss")
+        except Diverged as exc:  # an outcome, not a failure: the run ends FINISHED
+            diverged = exc
         loop_seconds = time.perf_counter() - t_loop
         console.close()
-        test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
-        tracking.log_evaluation("test", test, data.classes, step=state.step)
-        example = to_model_input(data.splits["test"].images[:2]).numpy()
-        info = tracking.log_model(model.cpu(), example)
+        info = None
+        if diverged is None:
+            test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
+            tracking.log_evaluation("test", test, data.classes, step=state.step)
+            example = to_model_input(data.splits["test"].images[:2]).numpy()
+            info = tracking.log_model(model.cpu(), example)
+            tracking.set_tags({DIVERGED_TAG: "false"})
+        else:
+            test = _diverged(diverged)
+            model.cpu()
+        samples = _samples_trained(state.epoch, state.step, steps_per_epoch, len(y["train"]),
+                                   cfg.batch_size)  # fmt: skip
         tracking.log_metrics(
             {
                 "time/startup_seconds": _process_age() - (time.perf_counter() - t0),
@@ -200,14 +224,39 @@ def run_train(
                 "time/setup_seconds": t_loop - t0,
                 "time/loop_seconds": loop_seconds,
                 "time/model_log_seconds": time.perf_counter() - t_loop - loop_seconds,
-                "time/samples_per_second": cfg.epochs * len(y["train"]) / loop_seconds,
+                "time/samples_per_second": samples / loop_seconds,
             }
         )
-    print(
-        f"train: test/loss={test.loss:.4f} test/accuracy={test.accuracy:.4f} "
-        f"run_id={run.run_id} model={info.model_uri}"
-    )
-    return TrainResult(run.run_id, test.loss, test.accuracy, info.model_uri, model)
+    model_uri = info.model_uri if info is not None else None
+    if diverged is None:
+        print(
+            f"train: test/loss={test.loss:.4f} test/accuracy={test.accuracy:.4f} "
+            f"run_id={run.run_id} model={model_uri}"
+        )
+    else:
+        print(
+            f"train: diverged at step {diverged.step} ({diverged.key}={diverged.loss}) in epoch "
+            f"{state.epoch} of {cfg.epochs}: stopped, no model logged; run_id={run.run_id}"
+        )
+    at = diverged.step if diverged is not None else None
+    return TrainResult(run.run_id, test.loss, test.accuracy, model_uri, model, at)
+
+
+def _diverged(exc: Diverged) -> Evaluation:
+    """Record a diverged run: tags, and NaN test metrics at the step it diverged.
+
+    The test split is not evaluated: weights that produced a loss that is not finite are not
+    a model, and the accuracy of their argmax would be a number that means nothing.
+    """
+    tracking.set_tags({DIVERGED_TAG: "true", DIVERGED_STEP_TAG: str(exc.step)})
+    tracking.log_metrics({"test/loss": math.nan, "test/accuracy": math.nan}, step=exc.step)
+    return Evaluation(math.nan, math.nan, [])
+
+
+def _samples_trained(epoch: int, step: int, steps_per_epoch: int, size: int, batch: int) -> int:
+    """Training samples the loop went through: every epoch, the last one maybe in part."""
+    in_last = step - (epoch - 1) * steps_per_epoch
+    return (epoch - 1) * size + min(in_last * batch, size)
 
 
 def _process_age() -> float:

@@ -2,8 +2,10 @@
 
 The experiment is created up front, data_prep runs once (or is reused) and is shared, trials
 that already finished with the same params, data and code are skipped, a failed trial is
-recorded FAILED and the sweep goes on. Trials run in this process, or with `parallel` > 1 in
-that many `pipeline trial` child processes, each nesting its run under the parent by id.
+recorded FAILED and the sweep goes on; a trial that diverged is an outcome like any other
+(its run FINISHED, tagged diverged), ranked last by the comparison. Trials run in this
+process, or with `parallel` > 1 in that many `pipeline trial` child processes, each nesting
+its run under the parent by id.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ POLL_SECONDS = 0.2
 
 @dataclass
 class Outcome:
-    """What became of one trial: ran, skipped (already finished) or failed."""
+    """What became of one trial: ran, diverged (stopped at a loss that was not finite),
+    skipped (already finished) or failed."""
 
     trial: Trial
     status: str
@@ -146,8 +149,15 @@ def _run_here(trials: list[Trial], experiment_id: str) -> list[Outcome]:
             outcomes.append(Outcome(trial, "failed", message=reason))
             print(f"[{i}/{len(trials)}] {trial.name} FAILED: {reason}", file=sys.stderr)
             continue
-        outcomes.append(Outcome(trial, "ran", result.run_id))
+        if result.diverged_at is not None:
+            outcomes.append(Outcome(trial, "diverged", result.run_id, _at(result.diverged_at)))
+        else:
+            outcomes.append(Outcome(trial, "ran", result.run_id))
     return outcomes
+
+
+def _at(step: int | str) -> str:
+    return f"at step {step}"
 
 
 def _run_in_processes(
@@ -209,6 +219,8 @@ def _collect(trial: Trial, returncode: int, log: Path) -> Outcome:
     """The outcome of a finished trial process, read from its exit status and log."""
     text = log.read_text(errors="replace")
     if returncode == 0 and (m := re.search(r"^train: .* run_id=(\w+)", text, re.M)):
+        if d := re.search(r"^train: diverged at step (\d+)", text, re.M):
+            return Outcome(trial, "diverged", m.group(1), _at(d.group(1)))
         return Outcome(trial, "ran", m.group(1))
     lines = [ln for ln in text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("Error:")]
@@ -221,6 +233,8 @@ def _collect(trial: Trial, returncode: int, log: Path) -> Outcome:
 def _describe(outcome: Outcome) -> str:
     if outcome.status == "failed":
         return f"FAILED: {outcome.message}"
+    if outcome.status == "diverged":
+        return f"diverged {outcome.message} run_id={outcome.run_id}"
     return f"{outcome.status} run_id={outcome.run_id}"
 
 
@@ -236,10 +250,16 @@ def run_trial_spec(spec: str) -> None:
 
 
 def _finish(exp: Experiment, outcomes: list[Outcome], parent_id: str) -> None:
-    """Print the summary; raise (so the parent ends FAILED) if any trial failed."""
-    count = {s: sum(o.status == s for o in outcomes) for s in ("ran", "skipped", "failed")}
-    print(f"sweep {exp.name!r} done: {count['ran']} ran, {count['skipped']} skipped "
-          f"(already finished), {count['failed']} failed; parent run {parent_id}")  # fmt: skip
+    """Print the summary; raise (so the parent ends FAILED) if any trial failed.
+
+    A diverged trial is not a failure: its loss went to NaN or inf for the params it was
+    given, which is what an lr sweep is there to find out.
+    """
+    statuses = ("ran", "diverged", "skipped", "failed")
+    count = {s: sum(o.status == s for o in outcomes) for s in statuses}
+    print(f"sweep {exp.name!r} done: {count['ran']} ran, {count['diverged']} diverged, "
+          f"{count['skipped']} skipped (already finished), {count['failed']} failed; "
+          f"parent run {parent_id}")  # fmt: skip
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         names = "; ".join(f"{o.trial.name} ({o.message})" for o in failed)

@@ -488,14 +488,16 @@ def train_runs(experiment_id: str, parent_run_id: str | None = None) -> list[mlf
 
 
 def load_json_artifact(run_id: str, artifact_file: str) -> object | None:
-    """A JSON file logged to a run, or None where the run has none (yet)."""
+    """A JSON file logged to a run, or None where the run has none (yet).
+
+    Downloaded into a temporary folder that is gone when this returns.
+    """
     client = MlflowClient()
     if artifact_file not in {a.path for a in client.list_artifacts(run_id)}:
         return None
-    folder = tempfile.mkdtemp(prefix="pipeline-artifact-")
-    with _no_progress_bar():
+    with tempfile.TemporaryDirectory(prefix="pipeline-artifact-") as folder, _no_progress_bar():
         path = client.download_artifacts(run_id, artifact_file, folder)
-    return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
 
 
 @contextlib.contextmanager
@@ -527,6 +529,20 @@ def create_finished_run(experiment_id: str, run_name: str, step: str) -> str:
     )
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+def compare_run(experiment_id: str, run_name: str) -> str:
+    """The experiment's run that holds its comparisons: the newest FINISHED `compare` run,
+    or a new one. Reused, so comparing again refreshes its artifacts instead of adding runs."""
+    found = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{STEP_TAG}` = 'compare' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    return create_finished_run(experiment_id, run_name, "compare")
 
 
 def log_artifacts_to(run_id: str, folder: Path, artifact_path: str) -> None:
