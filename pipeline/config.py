@@ -167,7 +167,7 @@ def check_length(what: str, text: str, limit: int) -> None:
     """Raise PipelineError if `text` (`what` names it) is longer than MLflow's `limit`."""
     if len(text) > limit:
         raise PipelineError(
-            f"{what} {quote(text, 40)} is {len(text)} characters; MLflow takes at most {limit}"
+            f"{what} {quote(text, 80)} is {len(text)} characters; MLflow takes at most {limit}"
         )
 
 

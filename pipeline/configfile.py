@@ -135,7 +135,7 @@ def read_yaml(path: Path, what: str) -> tuple[str, object]:
         raise PipelineError(f"{what} {shown} cannot be read: {first_line(exc)}") from None
     if len(raw) > MAX_FILE_BYTES:
         raise PipelineError(
-            f"{path}: over {MAX_FILE_BYTES // 1024} KiB; a {what} is a few KiB of YAML text"
+            f"{path}: over {MAX_FILE_BYTES // 1024} KiB; expected a few KiB of YAML text"
         )
     try:
         text = raw.decode("utf-8")
