@@ -30,6 +30,13 @@ OPTIMIZERS = (
     "nadam",
 )
 DEVICES = ("auto", "cpu", "cuda", "mps")
+CHOICES = {
+    "dataset": DATASETS,
+    "model": MODELS,
+    "optimizer": OPTIMIZERS,
+    "loss": LOSSES,
+    "device": DEVICES,
+}
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,8 @@ class Range:
     integer: bool = False
 
     def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
+        if isinstance(value, float) and not math.isfinite(value):  # an int is; a huge one
+            return False  # would overflow math.isfinite
         above = value > self.low if self.low_open else value >= self.low
         if self.high is None:
             return above
@@ -145,7 +152,7 @@ def check_range(name: str, value: object, where: str | None = None) -> None:
     if rng.integer and not isinstance(value, int):
         raise PipelineError(f"{where} must be an integer {rng}, got {quote(value)}")
     if value not in rng:
-        finite = "a finite number " if not math.isfinite(value) else ""
+        finite = "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
         raise PipelineError(f"{where} must be {finite}{rng}, got {quote(value)}")
 
 

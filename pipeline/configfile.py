@@ -11,27 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import (
-    DATASETS,
-    DEVICES,
-    LOSSES,
-    MODELS,
-    OPTIMIZERS,
-    RANGES,
-    PrepConfig,
-    TrainConfig,
-    check_range,
-)
+from pipeline.config import CHOICES, RANGES, PrepConfig, TrainConfig, check_range
 from pipeline.errors import PATH_MAX, PipelineError, first_line, quote
 from pipeline.steps import validate_prep
 
-CHOICES = {
-    "optimizer": OPTIMIZERS,
-    "loss": LOSSES,
-    "model": MODELS,
-    "device": DEVICES,
-    "dataset": DATASETS,
-}
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "data")
 PREP_KEYS = tuple(f.name for f in fields(PrepConfig))
 MAX_FILE_BYTES = 1 << 20  # config files are a few KiB: a bigger one is the wrong file

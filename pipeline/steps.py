@@ -13,11 +13,9 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import (
+    CHOICES,
     DATASETS,
-    DEVICES,
-    LOSSES,
     MAX_PARAM_VALUE,
-    MODELS,
     RANGES,
     PrepConfig,
     TrainConfig,
@@ -97,11 +95,10 @@ def validate_train(cfg: TrainConfig) -> tuple[float, float | None]:
     Ranges are config.RANGES's, so a value the CLI refuses is refused here too (the Python
     API, experiment files, retrain.yaml, a champion's params).
     """
-    for name, choices in (("model", MODELS), ("loss", LOSSES), ("device", DEVICES)):
-        if getattr(cfg, name) not in choices:
-            raise PipelineError(
-                f"unknown {name} {quote(getattr(cfg, name))}; valid choices: {', '.join(choices)}"
-            )
+    for name in ("model", "loss", "device"):  # the optimizer: resolve_hparams below
+        if getattr(cfg, name) not in CHOICES[name]:
+            raise PipelineError(f"unknown {name} {quote(getattr(cfg, name))}; valid choices: "
+                                f"{', '.join(CHOICES[name])}")  # fmt: skip
     for name in RANGES:
         if hasattr(cfg, name):
             check_range(name, getattr(cfg, name))

@@ -50,6 +50,7 @@ BAD = [
      "seed must be between 0 and 18446744073709551615, got 9999999999999999999999999"),
     ("seed", "-1", "-1", "seed must be between 0 and 18446744073709551615, got -1"),
     ("seed", "18446744073709551616", "18446744073709551616", "seed must be between 0 and"),
+    ("seed", "1" + "0" * 400, "1" + "0" * 400, "seed must be between 0 and 1844"),
     ("val_fraction", ".nan", "nan", "val_fraction must be a finite number between 0 and 1"),
     ("val_fraction", "0", "0", "val_fraction must be between 0 and 1 (exclusive), got 0"),
     ("test_fraction", "1", "1", "test_fraction must be between 0 and 1 (exclusive), got 1"),
@@ -63,7 +64,7 @@ PREP_BAD = [b for b in BAD if b[0] in PREP_FIELDS]
 
 
 def _ids(cases: list[tuple]) -> list[str]:
-    return [f"{c[0]}={c[2] or c[1]}" for c in cases]
+    return [f"{c[0]}={(c[2] or c[1])[:24]}" for c in cases]
 
 
 def _needs(field: str) -> dict[str, str]:
