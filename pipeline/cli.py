@@ -3,36 +3,62 @@ them, and champion, which shows a registered model's champion and its history.""
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 
 import click
 
-from pipeline.config import DATASETS, DEVICES, LOSSES, MODELS, OPTIMIZERS, PrepConfig, TrainConfig
-from pipeline.errors import PipelineError
+from pipeline.config import (
+    DATASETS,
+    DEVICES,
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    RANGES,
+    PrepConfig,
+    TrainConfig,
+)
+from pipeline.errors import PipelineError, quote
 
 PREP, TRAIN = PrepConfig(), TrainConfig()
 
 
-class AutoFloat(click.ParamType):
-    """A float with a lower bound, or 'auto' (None): the per-optimizer default."""
+class Number(click.ParamType):
+    """A finite float in the range config.RANGES gives `field`; with `auto`, also 'auto' (None).
 
-    name = "auto|float"
+    click.FloatRange lets nan through (every comparison with nan is false) and takes inf.
+    """
 
-    def __init__(self, minimum: float, open_min: bool) -> None:
-        self.minimum, self.open_min = minimum, open_min
+    name = "float"
+
+    def __init__(self, field: str, auto: bool = False) -> None:
+        self.range, self.auto = RANGES[field], auto
+        if auto:
+            self.name = "auto|float"
 
     def convert(self, value, param, ctx):
-        if value is None or (isinstance(value, str) and value.lower() in ("auto", "none", "")):
+        if self.auto and (
+            value is None or (isinstance(value, str) and value.lower() in ("auto", "none", ""))
+        ):
             return None
+        either = "'auto' or " if self.auto else ""
         try:
             number = float(value)
-        except ValueError:
-            self.fail(f"{value!r} is not 'auto' or a number", param, ctx)
-        if number < self.minimum or (self.open_min and number == self.minimum):
-            op = ">" if self.open_min else ">="
-            self.fail(f"{value!r} must be 'auto' or a number {op} {self.minimum}", param, ctx)
+        except (TypeError, ValueError):
+            self.fail(f"{quote(value)} is not {either}a number", param, ctx)
+        if number not in self.range:
+            finite = "finite " if not math.isfinite(number) else ""
+            self.fail(f"{quote(value)} must be {either}a {finite}number {self.range}", param, ctx)
         return number
+
+
+def _typed(field: str, auto: bool = False) -> click.ParamType:
+    """The option type of a numeric field, from its range in config.RANGES."""
+    rng = RANGES[field]
+    if rng.integer:
+        return click.IntRange(rng.low, rng.high, min_open=rng.low_open, max_open=rng.high_open)
+    return Number(field, auto)
 
 
 def _options(options: list[Callable]) -> Callable:
@@ -50,12 +76,13 @@ prep_options = _options(
                      show_default=True),
         click.option("--data-dir", default=PREP.data_dir, show_default=True,
                      help="Where raw data sets live and prepared files are written."),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        click.option("--val-fraction", type=_typed("val_fraction"),
                      default=PREP.val_fraction, show_default=True),
-        click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        click.option("--test-fraction", type=_typed("test_fraction"),
                      default=PREP.test_fraction, show_default=True,
                      help="mnist-sample only; torchvision sets use their official test split."),
-        click.option("--split-seed", type=int, default=PREP.split_seed, show_default=True),
+        click.option("--split-seed", type=_typed("split_seed"), default=PREP.split_seed,
+                     show_default=True),
     ]
 )  # fmt: skip
 
@@ -64,26 +91,26 @@ train_options = _options(
         click.option("--model", type=click.Choice(MODELS), default=TRAIN.model, show_default=True),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=TRAIN.optimizer,
                      show_default=True),
-        click.option("--lr", type=AutoFloat(0, open_min=True), default="auto", show_default=True,
+        click.option("--lr", type=_typed("lr", auto=True), default="auto", show_default=True,
                      help="Learning rate; auto = the optimizer's default."),
-        click.option("--momentum", type=AutoFloat(0, open_min=False), default="auto",
+        click.option("--momentum", type=_typed("momentum", auto=True), default="auto",
                      show_default=True, help="sgd, momentum, nesterov, rmsprop only."),
-        click.option("--weight-decay", type=click.FloatRange(min=0), default=TRAIN.weight_decay,
+        click.option("--weight-decay", type=_typed("weight_decay"), default=TRAIN.weight_decay,
                      show_default=True),
         click.option("--loss", type=click.Choice(LOSSES), default=TRAIN.loss, show_default=True),
-        click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True),
+        click.option("--label-smoothing", type=_typed("label_smoothing"),
                      default=TRAIN.label_smoothing, show_default=True,
                      help="cross_entropy only."),
-        click.option("--epochs", type=click.IntRange(min=1), default=TRAIN.epochs,
+        click.option("--epochs", type=_typed("epochs"), default=TRAIN.epochs,
                      show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=TRAIN.batch_size,
+        click.option("--batch-size", type=_typed("batch_size"), default=TRAIN.batch_size,
                      show_default=True),
-        click.option("--seed", type=int, default=TRAIN.seed, show_default=True),
+        click.option("--seed", type=_typed("seed"), default=TRAIN.seed, show_default=True),
         click.option("--device", type=click.Choice(DEVICES), default=TRAIN.device,
                      show_default=True, help="auto = cuda, then mps, then cpu."),
-        click.option("--log-every", type=click.IntRange(min=1), default=TRAIN.log_every,
+        click.option("--log-every", type=_typed("log_every"), default=TRAIN.log_every,
                      show_default=True, help="Steps between logged train/* points."),
-        click.option("--print-every", type=click.IntRange(min=0), default=TRAIN.print_every,
+        click.option("--print-every", type=_typed("print_every"), default=TRAIN.print_every,
                      show_default=True, help="Print the notebook's loss/acc line every N steps."),
         # `--amp` alone or `--amp true|false`, so MLproject can pass the value through.
         click.option("--amp", type=click.BOOL, is_flag=False, flag_value=True,

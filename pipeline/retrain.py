@@ -23,7 +23,7 @@ import yaml
 from pipeline import configfile, registry, tracking
 from pipeline.config import PrepConfig, TrainConfig
 from pipeline.data import load_prepared, to_model_input
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import PipelineError, first_line, quote
 from pipeline.lock import default_lock_dir, exclusive, lock_path
 from pipeline.loop import Evaluation, evaluate
 from pipeline.losses import build_loss
@@ -105,15 +105,16 @@ def validate(cfg: RetrainConfig, source: str = "retrain config") -> None:
 
     if not MODEL_NAME.match(cfg.model_name):
         raise PipelineError(
-            f"{source}: invalid model_name {cfg.model_name!r}; use letters, digits, '.', '_', '-'"
+            f"{source}: invalid model_name {quote(cfg.model_name)}; use 1 to 100 letters, "
+            "digits, '.', '_', '-'"
         )
     if cfg.metric not in METRICS:
         raise PipelineError(
-            f"{source}: unknown metric {cfg.metric!r}; valid choices: {', '.join(METRICS)}"
+            f"{source}: unknown metric {quote(cfg.metric)}; valid choices: {', '.join(METRICS)}"
         )
     if cfg.direction != METRICS[cfg.metric]:
         raise PipelineError(
-            f"{source}: direction {cfg.direction!r} does not fit metric {cfg.metric!r}; "
+            f"{source}: direction {quote(cfg.direction)} does not fit metric {cfg.metric!r}; "
             f"valid choice: {METRICS[cfg.metric]}"
         )
     if not (cfg.min_delta >= 0 and math.isfinite(cfg.min_delta)):

@@ -13,7 +13,16 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking
-from pipeline.config import DATASETS, LOSSES, MODELS, PrepConfig, TrainConfig
+from pipeline.config import (
+    CHOICES,
+    DATASETS,
+    MAX_PARAM_VALUE,
+    RANGES,
+    PrepConfig,
+    TrainConfig,
+    check_length,
+    check_range,
+)
 from pipeline.console import ConsoleReporter, Fanout
 from pipeline.data import (
     class_counts,
@@ -25,7 +34,7 @@ from pipeline.data import (
     to_model_input,
 )
 from pipeline.device import device_name, resolve_device
-from pipeline.errors import PipelineError
+from pipeline.errors import PATH_MAX, PipelineError, first_line, quote
 from pipeline.loop import Diverged, Evaluation, TrainState, evaluate, train_epoch
 from pipeline.losses import build_loss
 from pipeline.models import build_model, count_parameters, training_forward
@@ -78,38 +87,62 @@ def validate_prep(cfg: PrepConfig) -> None:
     """Check the choice and ranges of `cfg`; each message starts with the field it names."""
     if cfg.dataset not in DATASETS:
         raise PipelineError(
-            f"dataset {cfg.dataset!r} is invalid; valid choices: {', '.join(DATASETS)}"
+            f"dataset {quote(cfg.dataset)} is invalid; valid choices: {', '.join(DATASETS)}"
         )
-    for name in ("val_fraction", "test_fraction"):
-        if not 0 < getattr(cfg, name) < 1:
-            raise PipelineError(
-                f"{name} must be between 0 and 1 (exclusive), got {getattr(cfg, name)}"
-            )
+    for name in ("val_fraction", "test_fraction", "split_seed"):
+        check_range(name, getattr(cfg, name))
+    if not isinstance(cfg.data_dir, str):
+        raise PipelineError(f"data_dir must be a string, got {quote(cfg.data_dir)}")
+    # data_prep logs the prepared file's absolute path as a param
+    check_length("data_dir", str(prepared_path(cfg).absolute()), MAX_PARAM_VALUE)
 
 
 def validate_train(cfg: TrainConfig) -> tuple[float, float | None]:
-    """Check every choice and range of `cfg`; returns the resolved (lr, momentum)."""
-    if cfg.model not in MODELS:
-        raise PipelineError(f"unknown model {cfg.model!r}; valid choices: {', '.join(MODELS)}")
-    if cfg.loss not in LOSSES:
-        raise PipelineError(f"unknown loss {cfg.loss!r}; valid choices: {', '.join(LOSSES)}")
-    for name in ("epochs", "batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise PipelineError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    """Check every choice and range of `cfg`; returns the resolved (lr, momentum).
+
+    Ranges are config.RANGES's, so a value the CLI refuses is refused here too (the Python
+    API, experiment files, retrain.yaml, a champion's params).
+    """
+    for name in ("model", "loss", "device"):  # the optimizer: resolve_hparams below
+        if getattr(cfg, name) not in CHOICES[name]:
+            raise PipelineError(f"unknown {name} {quote(getattr(cfg, name))}; valid choices: "
+                                f"{', '.join(CHOICES[name])}")  # fmt: skip
+    for name in RANGES:
+        if hasattr(cfg, name):
+            check_range(name, getattr(cfg, name))
+    if not isinstance(cfg.data, str):
+        raise PipelineError(f"data must be a string, got {quote(cfg.data)}")
+    check_length("data", cfg.data, MAX_PARAM_VALUE)
     build_loss(cfg.loss, cfg.label_smoothing)
     resolve_device(cfg.device)
-    return resolve_hparams(cfg.optimizer, cfg.lr, cfg.momentum)
+    lr, momentum = resolve_hparams(cfg.optimizer, cfg.lr, cfg.momentum)
+    if cfg.optimizer == "nesterov" and momentum == 0:
+        raise PipelineError(
+            "optimizer 'nesterov' needs momentum > 0, got 0.0; use optimizer 'sgd' for none"
+        )
+    return lr, momentum
 
 
 def resolve_data(ref: str) -> tuple[Path, str]:
-    """(path, sha256) for `ref`: a prepared file, or the id of a data_prep run."""
+    """(path, sha256) for `ref`: a prepared file, or the id of a data_prep run.
+
+    Only the reference is resolved here; `load_prepared(path, digest)` then checks that the
+    content it loads is the content with this digest.
+    """
     if not ref:
         raise PipelineError("no data given; pass --data FILE or --data DATA_PREP_RUN_ID")
-    path = Path(ref)
-    if path.is_file():
+    path, shown = Path(ref), quote(ref, PATH_MAX)
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError as exc:  # e.g. a name over the file system's 255 bytes
+        raise PipelineError(f"data {shown} is not a usable path ({first_line(exc)})") from None
+    if is_file:
         return path.resolve(), file_digest(path)
+    if exists:
+        raise PipelineError(f"data {shown} is not a file; pass a file written by `pipeline prep` "
+                            "or a data_prep run id")  # fmt: skip
     if path.suffix or "/" in ref:
-        raise PipelineError(f"data file {ref!r} does not exist; run `pipeline prep` first")
+        raise PipelineError(f"data file {shown} does not exist; run `pipeline prep` first")
     return tracking.prepared_file_of(ref)
 
 
@@ -130,7 +163,7 @@ def run_train(
     device = resolve_device(cfg.device)
     store = tracking.open_store_in_background()
     path, digest = resolve_data(cfg.data)
-    data = load_prepared(path)
+    data = load_prepared(path, digest)
     # Whole splits go to the device once; batches are then slices, never host copies.
     x = {s: to_model_input(split.images, device) for s, split in data.splits.items()}
     y = {s: split.labels.to(device) for s, split in data.splits.items()}
