@@ -405,3 +405,31 @@ def test_store_identity_is_what_the_store_is_not_how_it_is_spelled(tmp_path, mon
     assert store.identity("http://127.0.0.1:5001") != store.identity("http://127.0.0.1:5000")
 
     assert not (tmp_path / "mlflow.db").exists()  # nothing opened to tell what a URI names
+
+
+def test_retrain_wrapper_logs_no_password_and_only_for_its_user(tmp_path):
+    """deploy/retrain.sh as cron runs it, against a server that is down: its log names the
+    store without the password and is readable by its owner only, an old 0644 log too."""
+    config = tmp_path / "retrain.yaml"
+    config.write_text(f"prep: {{data_dir: {tmp_path / 'data'}}}\ntrain: {{epochs: 1}}\n")
+    logs = tmp_path / "logs"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "MLFLOW_TRACKING_URI": f"http://user:secret@127.0.0.1:{_closed_port()}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "PIPELINE_PYTHON": sys.executable,
+        "PIPELINE_LOG_DIR": str(logs),
+        "PIPELINE_LOCK_DIR": str(tmp_path / "locks"),
+        "PIPELINE_RETRAIN_CONFIG": str(config),
+    }
+    for _ in range(2):
+        proc = subprocess.run([str(ROOT / "deploy/retrain.sh")], env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        log = (logs / "retrain.log").read_text()
+        assert "secret" not in log + proc.stdout + proc.stderr
+        assert "tracking http://***@127.0.0.1:" in log
+        assert (logs / "retrain.log").stat().st_mode & 0o777 == 0o600
+        assert logs.stat().st_mode & 0o077 == 0  # created by the script: owner only
+        (logs / "retrain.log").chmod(0o644)  # as an older version of the script left it
