@@ -134,10 +134,12 @@ def _start_parent(exp: Experiment, experiment_id: str, parallel: int, resume: st
         print(f"sweep: resuming run {resume}")
     tags = {tracking.SWEEP_FILE_TAG: exp.digest}
     tracking.set_tags(tags | ({"mlflow.note.content": exp.description} if exp.description else {}))
-    tracking.log_params(
-        {"experiment_file": exp.path.name, "n_trials": len(exp.trials), "metric": exp.metric,
-         "direction": exp.direction, "parallel": parallel, **exp.prep.params()}
-    )  # fmt: skip
+    params = {"experiment_file": exp.path.name, "n_trials": len(exp.trials),
+              "metric": exp.metric, "direction": exp.direction, "parallel": parallel,
+              **exp.prep.params()}  # fmt: skip
+    if resume:  # how it runs and where the file lies may change; what it runs may not
+        params = {k: v for k, v in params.items() if k not in ("parallel", "experiment_file")}
+    tracking.log_params(params)
     tracking.log_artifact(exp.path, "experiment")
 
 

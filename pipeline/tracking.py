@@ -386,6 +386,8 @@ def start_run(
         open_store()
         with _store_errors():
             existing, users_name = _run_to_reopen(step, run_id)
+        if existing is not None and run_id is None:  # adopted: nested runs are new runs
+            os.environ.pop("MLFLOW_RUN_ID", None)
         if system_metrics:
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         run, status = None, "FAILED"

@@ -125,10 +125,12 @@ def test_the_run_mlflow_run_made_for_this_step_is_adopted(tracking, monkeypatch)
         monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
         with pt.start_run("train", "mine") as run:
             assert run.run_id == run_id
+            assert "MLFLOW_RUN_ID" not in os.environ  # consumed: nested runs are new runs
+            with pt.start_run("data_prep", "child", nested=True) as child:
+                assert child.run_id != run_id
         got = MlflowClient().get_run(run_id)
         assert (got.info.run_name, got.info.status) == (expected, "FINISHED")
         assert got.data.tags["mlflow.runName"] == expected
-        assert "MLFLOW_RUN_ID" not in os.environ  # consumed: nested runs are new runs
 
 
 @pytest.mark.parametrize(
