@@ -280,6 +280,11 @@ def entry() -> None:
     """
     from pipeline import store
 
+    if "@" in store.uri():  # a URI with credentials: whatever this process prints, hide them
+        sys.stdout, sys.stderr = (
+            store.RedactingStream(sys.stdout),
+            store.RedactingStream(sys.stderr),
+        )
     try:
         store.resolve_under_mlflow_run()
         code = cli.main(standalone_mode=False)

@@ -36,6 +36,26 @@ def redact(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
+class RedactingStream:
+    """A text stream (stdout, stderr) that writes everything through `redact`, so that no
+    one printing in this process shows a URI's credentials: MLflow itself prints
+    `View run ... at: <tracking URI>/#/...` on stdout, and a URI in its warnings."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text))
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def local_path(store_uri: str) -> Path | None:
     """The file (sqlite) or folder (file store) a local store lives in, as the URI spells it
     (relative paths stay relative); None for servers, databases and in-memory sqlite."""

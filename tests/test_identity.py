@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.steps import prep_or_reuse, run_prep, run_train
 
 from .conftest import ROOT, assert_one_line_error, run_cli
+from .test_retrain import mlflow_server  # noqa: F401 - a fixture
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -379,6 +380,20 @@ def test_a_password_in_the_tracking_uri_is_never_printed(tmp_path):
     for proc in (prep, compare):
         assert "secret" not in proc.stdout + proc.stderr, proc.stderr
     assert "***@127.0.0.1" in compare.stderr
+
+
+@pytest.mark.slow
+def test_a_password_in_the_uri_of_a_live_server_is_never_printed(mlflow_server, tmp_path):  # noqa: F811
+    """MLflow prints `View run ... at: <URI>` when a run on a server ends; the URI's user and
+    password are hidden in that line too. (This server ignores the credentials.)"""
+    uri = mlflow_server.replace("http://", "http://user:secret@")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "prep", "--data-dir", str(tmp_path / "data")],
+        cwd=tmp_path, env=_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "secret" not in proc.stdout + proc.stderr
+    assert "View run data_prep-mnist-sample at: http://***@127.0.0.1:" in proc.stdout + proc.stderr
 
 
 # --- store identity ---------------------------------------------------------------------
