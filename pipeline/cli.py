@@ -299,16 +299,27 @@ def trial(spec: str) -> None:
 
 
 def entry() -> None:
-    """Run the CLI; every error is one line on stderr and a non-zero exit status."""
+    """Run the CLI; every error is one line on stderr and a non-zero exit status.
+
+    Nothing printed shows the credentials of a tracking URI (`store.redact`), tracebacks of
+    unexpected errors included. Under `mlflow run`, a command that stops before starting its
+    run marks the run MLflow created for it (`tracking.mark_not_started`).
+    """
+    from pipeline import store
+
+    if "@" in store.uri():  # a URI with credentials: whatever this process prints, hide them
+        sys.stdout, sys.stderr = (
+            store.RedactingStream(sys.stdout),
+            store.RedactingStream(sys.stderr),
+        )
     try:
+        store.resolve_under_mlflow_run()
         code = cli.main(standalone_mode=False)
     except click.UsageError as exc:
-        click.echo(f"Error: {exc.format_message()}", err=True)
-        sys.exit(2)
+        _fail(exc.format_message(), 2)
     except (click.ClickException, PipelineError) as exc:
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
-        click.echo(f"Error: {message}", err=True)
-        sys.exit(getattr(exc, "exit_code", 1))
+        _fail(message, getattr(exc, "exit_code", 1))
     except (click.Abort, KeyboardInterrupt) as exc:
         # click turns KeyboardInterrupt (and so our SIGTERM exception) into Abort.
         from pipeline.signals import Terminated
@@ -316,7 +327,40 @@ def entry() -> None:
         terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
         click.echo(f"Interrupted by {'SIGTERM' if terminated else 'SIGINT'}", err=True)
         sys.exit(143 if terminated else 130)
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, show where
+            _traceback()
+        # A folder that is a file, a path that cannot be created or read: the path and why.
+        _fail(f"{exc.filename}: {exc.strerror or exc}", 1)
+    except Exception:
+        _traceback()
     _exit_now(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    """Print `Error: message` (credentials hidden) and exit with `code`."""
+    import os
+
+    from pipeline.lock import EX_TEMPFAIL
+    from pipeline.store import redact
+
+    message = redact(message)
+    if os.environ.get("MLFLOW_RUN_ID"):  # still set: our run never started
+        from pipeline import tracking
+
+        tracking.mark_not_started(message, "busy" if code == EX_TEMPFAIL else "invalid")
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _traceback() -> None:
+    """An unexpected error: its traceback, with credentials hidden, and exit status 1."""
+    import traceback
+
+    from pipeline.store import redact
+
+    sys.stderr.write(redact(traceback.format_exc()))
+    sys.exit(1)
 
 
 def _exit_now(code: int) -> None:

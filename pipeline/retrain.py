@@ -187,6 +187,7 @@ def retrain(
     fail_after = _fail_after()
     lock = lock_path(Path(lock_dir or default_lock_dir()), cfg.model_name, tracking.tracking_uri())
     with exclusive(lock):
+        tracking.open_store()  # before the registry's first call: creating a store is serialised
         settle_crashed(cfg.model_name)
         return _retrain_locked(cfg, params_from, fail_after)
 
@@ -421,5 +422,6 @@ def _settled_promote(v: registry.Version) -> dict[str, str]:
 
 def history(name: str) -> tuple[registry.Version | None, list[registry.Version]]:
     """(current champion, every version that went through a retrain decision, oldest first)."""
+    tracking.open_store()
     registry.require_model(name)
     return registry.champion(name), [v for v in registry.versions(name) if v.decision]

@@ -186,7 +186,9 @@ def run_train(
     store.join()
 
     params = _requested(cfg) | {
-        "data": str(path),
+        # As given (what `mlflow run -P data=...` logs too) and as resolved.
+        "data": cfg.data,
+        "data_path": str(path),
         "effective_lr": lr,
         "effective_momentum": momentum,
         "data_digest": digest,
@@ -315,17 +317,24 @@ def requested_params(cfg: TrainConfig) -> dict[str, str]:
 def prep_or_reuse(prep: PrepConfig, experiment_id: str) -> PrepResult:
     """A FINISHED data_prep run with these params whose file is still there, else a new one
     as a child of the active run."""
-    found = tracking.find_prep_run(experiment_id, prep.params())
-    if found is not None and Path(found.data.params["data_path"]).is_file():
-        prepared = PrepResult(
-            found.info.run_id,
-            Path(found.data.params["data_path"]),
-            found.data.params["data_digest"],
-            reused=True,
-        )
+    prepared = reusable_prep(prep, experiment_id)
+    if prepared is not None:
         print(f"data_prep: reusing run {prepared.run_id} ({prepared.path})")
         return prepared
     return run_prep(prep, nested=True, experiment_id=experiment_id)
+
+
+def reusable_prep(prep: PrepConfig, experiment_id: str) -> PrepResult | None:
+    """The newest FINISHED data_prep run of this code version with these params (compared
+    as `tracking.canonical` values: `mlflow run` stores some quoted) whose prepared file is
+    still there, or None."""
+    found = tracking.find_prep_run(experiment_id, prep.params())
+    if found is None or not Path(found.data.params["data_path"]).is_file():
+        return None
+    params = found.data.params
+    return PrepResult(
+        found.info.run_id, Path(params["data_path"]), params["data_digest"], reused=True
+    )
 
 
 def run_main(prep: PrepConfig, train: TrainConfig) -> TrainResult:

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pipeline
-from pipeline import signals, tracking
+from pipeline import signals, store, tracking
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError, first_line
 from pipeline.experiments import Experiment, Trial, load_experiment
-from pipeline.steps import PrepResult, prep_or_reuse, requested_params, run_train
+from pipeline.lock import default_lock_dir, exclusive, sweep_lock_path
+from pipeline.steps import PrepResult, prep_or_reuse, requested_params, reusable_prep, run_train
 
 POLL_SECONDS = 0.2
 
@@ -43,7 +44,13 @@ class Outcome:
 
 
 def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> list[Outcome]:
-    """Run the experiment file at `path`; raises PipelineError naming any failed trials."""
+    """Run the experiment file at `path`; raises PipelineError naming any failed trials.
+
+    One sweep of a file runs at a time per store and host: while one runs, another raises
+    `LockHeld` (the CLI exits 75) instead of resuming it. When the newest sweep of the file
+    finished and every trial is still finished, it returns them all skipped and creates no
+    run ("nothing to do").
+    """
     if parallel < 1:
         raise PipelineError(f"--parallel must be >= 1, got {parallel}")
     exp = load_experiment(path)
@@ -52,8 +59,18 @@ def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> lis
         return []
     if run_id := os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run is the parent
         _check_mlflow_run_experiment(exp, run_id)
-    experiment_id = tracking.ensure_experiment(exp.name)
-    resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
+    lock = sweep_lock_path(default_lock_dir(), exp.name, exp.digest, tracking.tracking_uri())
+    with exclusive(lock, f"another sweep of {exp.path.name} (experiment {exp.name!r})"):
+        experiment_id = tracking.ensure_experiment(exp.name)
+        if not run_id and (done := _all_done(exp, experiment_id)) is not None:
+            return done
+        resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
+        return _sweep(exp, experiment_id, resume, parallel)
+
+
+def _sweep(exp: Experiment, experiment_id: str, resume: str | None, parallel: int):
+    """The parent run, data_prep, the trials, the comparison: what `run_sweep` does once it
+    holds the sweep's lock."""
     with tracking.start_run(
         "sweep", f"sweep-{exp.path.stem}", experiment_id=experiment_id, run_id=resume
     ) as parent:
@@ -72,6 +89,26 @@ def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> lis
     return outcomes
 
 
+def _all_done(exp: Experiment, experiment_id: str) -> list[Outcome] | None:
+    """Every trial skipped, if the newest sweep of this file finished and nothing changed
+    since (same data_prep run, every trial finished), so that running it again creates no
+    new, empty parent run; else None."""
+    last = tracking.find_sweep(experiment_id, exp.digest)
+    if last is None or last.info.status != "FINISHED":
+        return None
+    prepared = reusable_prep(exp.prep, experiment_id)
+    if prepared is None:
+        return None
+    outcomes = _skipped(exp.trials, prepared, experiment_id)
+    if len(outcomes) < len(exp.trials):
+        return None
+    print(
+        f"sweep {exp.name!r}: all {len(outcomes)} trials already finished (parent run "
+        f"{last.info.run_id}); nothing to do"
+    )
+    return [outcomes[t.name] for t in exp.trials]
+
+
 def print_plan(exp: Experiment) -> None:
     """The trials a sweep would run, one per line, with what the file sets for each."""
     print(f"experiment {exp.name!r}: {len(exp.trials)} trials, ranked by {exp.metric} "
@@ -83,7 +120,10 @@ def print_plan(exp: Experiment) -> None:
 
 def _check_mlflow_run_experiment(exp: Experiment, run_id: str) -> None:
     """`mlflow run` made the parent run already; its experiment must be the file's."""
-    name = tracking.experiment_name(tracking.get_run(run_id).info.experiment_id)
+    run = tracking.find_run(run_id)
+    if run is None:  # not in this store: `tracking.start_run` says what to do
+        return
+    name = tracking.experiment_name(run.info.experiment_id)
     if name != exp.name:
         raise PipelineError(
             f"{exp.path} names experiment {exp.name!r} but `mlflow run` logs to {name!r}; "
@@ -97,10 +137,12 @@ def _start_parent(exp: Experiment, experiment_id: str, parallel: int, resume: st
         print(f"sweep: resuming run {resume}")
     tags = {tracking.SWEEP_FILE_TAG: exp.digest}
     tracking.set_tags(tags | ({"mlflow.note.content": exp.description} if exp.description else {}))
-    tracking.log_params(
-        {"experiment_file": exp.path.name, "n_trials": len(exp.trials), "metric": exp.metric,
-         "direction": exp.direction, "parallel": parallel, **exp.prep.params()}
-    )  # fmt: skip
+    params = {"experiment_file": exp.path.name, "n_trials": len(exp.trials),
+              "metric": exp.metric, "direction": exp.direction, "parallel": parallel,
+              **exp.prep.params()}  # fmt: skip
+    if resume:  # how it runs and where the file lies may change; what it runs may not
+        params = {k: v for k, v in params.items() if k not in ("parallel", "experiment_file")}
+    tracking.log_params(params)
     tracking.log_artifact(exp.path, "experiment")
 
 
@@ -109,13 +151,7 @@ def _run_trials(
 ) -> list[Outcome]:
     """Skip the finished trials, run the rest, and return an outcome per trial in file order."""
     trials = [replace(t, config=replace(t.config, data=str(prepared.path))) for t in exp.trials]
-    done = tracking.finished_runs(experiment_id, "train")
-    outcomes: dict[str, Outcome] = {}
-    for trial in trials:
-        wanted = requested_params(trial.config) | {"data_digest": prepared.digest}
-        found = next((r for r in done if _matches(r.data.params, wanted)), None)
-        if found is not None:
-            outcomes[trial.name] = Outcome(trial, "skipped", found.info.run_id)
+    outcomes = _skipped(trials, prepared, experiment_id)
     pending = [t for t in trials if t.name not in outcomes]
     print(
         f"sweep {exp.name!r}: {len(trials)} trials, {len(outcomes)} already finished, "
@@ -129,9 +165,16 @@ def _run_trials(
     return [outcomes[t.name] for t in trials]
 
 
-def _matches(params: dict[str, str], wanted: dict[str, str]) -> bool:
-    """MLflow keeps params as strings, so compare them as strings."""
-    return all(params.get(k) == v for k, v in wanted.items())
+def _skipped(trials: list[Trial], prepared: PrepResult, experiment_id: str) -> dict[str, Outcome]:
+    """The trials that already finished with the same params, data and code, by name."""
+    done = tracking.finished_runs(experiment_id, "train")
+    outcomes: dict[str, Outcome] = {}
+    for trial in trials:
+        wanted = requested_params(trial.config) | {"data_digest": prepared.digest}
+        found = next((r for r in done if tracking.params_match(r.data.params, wanted)), None)
+        if found is not None:
+            outcomes[trial.name] = Outcome(trial, "skipped", found.info.run_id)
+    return outcomes
 
 
 def _run_here(trials: list[Trial], experiment_id: str) -> list[Outcome]:
@@ -144,8 +187,8 @@ def _run_here(trials: list[Trial], experiment_id: str) -> list[Outcome]:
                 trial.config, nested=True, experiment_id=experiment_id, run_name=trial.name
             )
         except Exception as exc:  # any failure of one trial; KeyboardInterrupt stops the sweep
-            traceback.print_exc()
-            reason = first_line(exc, with_type=True)[:200]
+            sys.stderr.write(store.redact(traceback.format_exc()))
+            reason = store.redact(first_line(exc, with_type=True))[:200]
             outcomes.append(Outcome(trial, "failed", message=reason))
             print(f"[{i}/{len(trials)}] {trial.name} FAILED: {reason}", file=sys.stderr)
             continue
