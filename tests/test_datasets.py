@@ -312,8 +312,9 @@ def test_own_colour_images_train_end_to_end_with_their_class_names(tracking, tmp
     # Served: logits in, names out, as the README shows it.
     prepared = load_prepared(run.data.params["data"])
     x = to_model_input(prepared.splits["test"].images[:8]).numpy()
-    logits = mlflow.pyfunc.load_model(model_uri).predict(x)
-    names = [info.metadata["classes"][i] for i in np.asarray(logits).argmax(axis=1)]
+    served = mlflow.pyfunc.load_model(model_uri)
+    logits = served.predict(x)
+    names = [served.metadata.metadata["classes"][i] for i in np.asarray(logits).argmax(axis=1)]
     assert set(names) <= set(FOLDER_CLASSES) and len(names) == 8
 
 
@@ -343,3 +344,17 @@ def test_real_fashion_mnist_trains_seed_cnn_and_lenet5(tracking, tmp_path):
     # Measured: seed_cnn 0.8xx, lenet5 0.8xx after one epoch (README, "Fashion-MNIST").
     assert accuracy["seed_cnn"] > 0.78 and accuracy["lenet5"] > 0.78, accuracy
     assert os.path.isdir(tmp_path / "data" / "prepared")
+
+
+def test_experiment_files_take_the_image_options(tmp_path):
+    from pipeline.experiments import load_experiment
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment: e\ndata: {dataset: folder, data_dir: imgs, image_size: 32, "
+                    "channels: 3}\ngrid: {epochs: [1]}\n")  # fmt: skip
+    assert load_experiment(path).prep == PrepConfig(
+        dataset="folder", data_dir="imgs", image_size=32, channels=3
+    )
+    path.write_text("experiment: e\ndata: {dataset: folder, channels: 2}\ngrid: {epochs: [1]}\n")
+    with pytest.raises(PipelineError, match=r"data.channels 2 is invalid; valid choices: 1, 3"):
+        load_experiment(path)
