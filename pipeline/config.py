@@ -47,7 +47,7 @@ class PrepConfig:
     dataset: str = "mnist-sample"
     data_dir: str = "data"
     val_fraction: float = 0.1  # carved from train, stratified
-    test_fraction: float = 0.2  # mnist-sample only: torchvision sets ship an official test split
+    test_fraction: float = 0.2  # mnist-sample and folder: the IDX sets ship an official test split
     split_seed: int = 0
     image_size: int = 28  # folder only: images are resized to image_size x image_size
     channels: int = 1  # folder only: 1 = grayscale, 3 = RGB
