@@ -216,10 +216,18 @@ def test_folder_reads_class_subfolders_in_colour_or_grayscale_at_any_size(tmp_pa
             "no png"), "cat/a.png cannot be decoded (cannot identify image file"),
     ],
 )  # fmt: skip
-def test_image_folder_problems_are_one_line_errors(tracking, tmp_path, setup, needle):
+def test_image_folder_problems_are_one_line_errors(tmp_path, setup, needle):
     setup(tmp_path / "imgs")
+    with pytest.raises(PipelineError) as info:
+        prepare(PrepConfig(dataset="folder", data_dir=str(tmp_path / "imgs")))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_image_that_does_not_decode_stops_prep_before_a_run(tracking, tmp_path):
+    write_image_folder(tmp_path / "imgs", per_class=2)
+    (tmp_path / "imgs" / "4 four" / "broken.jpeg").write_bytes(b"\xff\xd8 not a jpeg")
     proc = run_cli("prep", "--dataset", "folder", "--data-dir", "imgs", cwd=tmp_path)
-    assert_one_line_error(proc, needle)
+    assert_one_line_error(proc, "image imgs/4 four/broken.jpeg cannot be decoded (")
     assert MlflowClient(tracking).search_runs(["0"]) == []
     assert not (tmp_path / "data").exists()
 
