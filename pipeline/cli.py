@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 
 import click
 
 from pipeline.config import (
+    CHOICES,
     DATASETS,
     DEVICES,
     LOSSES,
@@ -22,6 +24,7 @@ from pipeline.config import (
 from pipeline.errors import PipelineError, quote
 
 PREP, TRAIN = PrepConfig(), TrainConfig()
+PREP_KEYS = tuple(f.name for f in fields(PrepConfig))
 
 
 class Number(click.ParamType):
@@ -75,14 +78,21 @@ prep_options = _options(
         click.option("--dataset", type=click.Choice(DATASETS), default=PREP.dataset,
                      show_default=True),
         click.option("--data-dir", default=PREP.data_dir, show_default=True,
-                     help="Where raw data sets live and prepared files are written."),
+                     help="Raw data: a root holding <Name>/raw/, a folder of IDX files, or "
+                     "(folder) one subfolder of images per class."),
         click.option("--val-fraction", type=_typed("val_fraction"),
                      default=PREP.val_fraction, show_default=True),
         click.option("--test-fraction", type=_typed("test_fraction"),
                      default=PREP.test_fraction, show_default=True,
-                     help="mnist-sample only; torchvision sets use their official test split."),
+                     help="mnist-sample and folder; IDX sets use their official test split."),
         click.option("--split-seed", type=_typed("split_seed"), default=PREP.split_seed,
                      show_default=True),
+        click.option("--image-size", type=_typed("image_size"), default=PREP.image_size,
+                     show_default=True,
+                     help="folder only: images are resized to SIZE x SIZE pixels."),
+        click.option("--channels", type=click.Choice(CHOICES["channels"]),
+                     default=PREP.channels, show_default=True,
+                     help="folder only: 1 = grayscale, 3 = RGB."),
     ]
 )  # fmt: skip
 
@@ -153,11 +163,11 @@ def train(data: str, compile_: bool, **kwargs) -> None:
 @cli.command()
 @prep_options
 @train_options
-def main(dataset, data_dir, val_fraction, test_fraction, split_seed, compile_, **kwargs) -> None:
+def main(compile_, **kwargs) -> None:
     """main: data_prep then train, as child runs of one parent run."""
     from pipeline.steps import run_main
 
-    prep_cfg = PrepConfig(dataset, data_dir, val_fraction, test_fraction, split_seed)
+    prep_cfg = PrepConfig(**{k: kwargs.pop(k) for k in PREP_KEYS})
     run_main(prep_cfg, _train_config("", compile_, **kwargs))
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from pipeline.errors import PipelineError, quote
 
-DATASETS = ("mnist-sample", "mnist", "fashion-mnist", "kmnist")
+DATASETS = ("mnist-sample", "mnist", "fashion-mnist", "kmnist", "folder")
 MODELS = ("seed_cnn", "lenet5", "mlp")
 LOSSES = ("cross_entropy", "mse", "nll", "multi_margin")
 OPTIMIZERS = (
@@ -36,6 +36,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "loss": LOSSES,
     "device": DEVICES,
+    "channels": (1, 3),  # grayscale or RGB
 }
 
 
@@ -46,8 +47,10 @@ class PrepConfig:
     dataset: str = "mnist-sample"
     data_dir: str = "data"
     val_fraction: float = 0.1  # carved from train, stratified
-    test_fraction: float = 0.2  # mnist-sample only: torchvision sets ship an official test split
+    test_fraction: float = 0.2  # mnist-sample and folder: the IDX sets ship an official test split
     split_seed: int = 0
+    image_size: int = 28  # folder only: images are resized to image_size x image_size
+    channels: int = 1  # folder only: 1 = grayscale, 3 = RGB
 
     def params(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -78,6 +81,8 @@ class TrainConfig:
     def run_name(self) -> str:
         return f"{self.optimizer}-{self.loss}-{self.model}"
 
+
+PREP_DEFAULTS = asdict(PrepConfig())
 
 # torch.manual_seed and torch.Generator.manual_seed take [-2**63, 2**64 - 1] and map a
 # negative seed s to 2**64 + s (-1 and 2**64 - 1 give the same numbers): non-negative
@@ -124,6 +129,8 @@ RANGES = {
     "val_fraction": FRACTION,
     "test_fraction": FRACTION,
     "split_seed": SEED,
+    # 12: the smallest input lenet5's two 5x5 convs and 2x2 pools leave a pixel of.
+    "image_size": Range(12, 1024, integer=True),
     "lr": Range(0, low_open=True),  # None (auto) is checked by its caller
     "momentum": Range(0),
     "weight_decay": Range(0),

@@ -25,6 +25,7 @@ from pipeline.config import (
 )
 from pipeline.console import ConsoleReporter, Fanout
 from pipeline.data import (
+    check_image_options,
     class_counts,
     file_digest,
     load_prepared,
@@ -89,8 +90,7 @@ def validate_prep(cfg: PrepConfig) -> None:
         raise PipelineError(
             f"dataset {quote(cfg.dataset)} is invalid; valid choices: {', '.join(DATASETS)}"
         )
-    for name in ("val_fraction", "test_fraction", "split_seed"):
-        check_range(name, getattr(cfg, name))
+    check_image_options(cfg)
     if not isinstance(cfg.data_dir, str):
         raise PipelineError(f"data_dir must be a string, got {quote(cfg.data_dir)}")
     # data_prep logs the prepared file's absolute path as a param
@@ -171,7 +171,7 @@ def run_train(
     writer = tracking.WriterProcess()  # its start-up overlaps the rest of ours
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.num_classes).to(device)
+    model = build_model(cfg.model, data.num_classes, data.channels, data.image_size).to(device)
     optimizer = build_optimizer(
         cfg.optimizer, list(model.parameters()), lr, momentum, cfg.weight_decay, device
     )
@@ -245,7 +245,7 @@ def run_train(
             test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
             tracking.log_evaluation("test", test, data.classes, step=state.step)
             example = to_model_input(data.splits["test"].images[:2]).numpy()
-            info = tracking.log_model(model.cpu(), example)
+            info = tracking.log_model(model.cpu(), example, classes=data.classes)
             tracking.set_tags({DIVERGED_TAG: "false"})
         else:
             test = _diverged(diverged)

@@ -859,13 +859,48 @@ def prepared_file_of(run_id: str) -> tuple[Path, str]:
     return path, digest
 
 
+# Class names end metric keys (`challenger/test/class_accuracy/<name>`, 31 characters before
+# the name) that MLflow caps at 250 characters.
+MAX_CLASS_KEY = 200
+_NOT_KEY_CHARS = re.compile(r"[^\w.\- :]")  # MLflow's key characters, less "/"
+
+
+def class_metric_names(classes: list[str]) -> list[str]:
+    """Each class name as it ends a metric key (`test/class_accuracy/<name>`), one per class.
+
+    Every character other than letters, digits, `_ - . :` and space becomes `_`: `/` too,
+    which MLflow allows but its UI splits into sections (`T-shirt/top` -> `T-shirt_top`); a
+    name of only dots (`.`, `..`, a path step MLflow refuses) becomes underscores; names are
+    cut to 200 characters (MLflow's keys take 250). A name that would repeat an earlier
+    one gets `_2`, `_3`, ... in class order. The real names stay everywhere else.
+    """
+    names: list[str] = []
+    for name in classes:
+        base = _NOT_KEY_CHARS.sub("_", name)[:MAX_CLASS_KEY]
+        base = "_" * len(base) if not base.strip(".") else base
+        key, n = base, 1
+        while key in names:
+            n += 1
+            key = f"{base[: MAX_CLASS_KEY - len(str(n)) - 1]}_{n}"
+        names.append(key)
+    return names
+
+
 def log_evaluation(prefix: str, ev, classes: list[str], step: int) -> None:
-    """Final metrics, per-class accuracy and the confusion matrix as a figure and JSON."""
+    """Final metrics, per-class accuracy and the confusion matrix as a figure and JSON.
+
+    Per-class keys are `<prefix>/class_accuracy/<class_metric_names(classes)[i]>`; the JSON
+    pairs each real class name with its metric name.
+    """
     metrics = {f"{prefix}/loss": ev.loss, f"{prefix}/accuracy": ev.accuracy}
-    for name, acc in zip(classes, ev.per_class_accuracy(), strict=True):
-        metrics[f"{prefix}/class_accuracy/{name}"] = acc
+    keys = class_metric_names(classes)
+    for key, acc in zip(keys, ev.per_class_accuracy(), strict=True):
+        metrics[f"{prefix}/class_accuracy/{key}"] = acc
     mlflow.log_metrics(metrics, step=step)
-    mlflow.log_dict({"classes": classes, "matrix": ev.confusion}, f"{prefix}_confusion.json")
+    mlflow.log_dict(
+        {"classes": classes, "metric_names": keys, "matrix": ev.confusion},
+        f"{prefix}_confusion.json",
+    )
     mlflow.log_figure(_confusion_figure(ev.confusion, classes), f"{prefix}_confusion_matrix.png")
 
 
@@ -898,8 +933,14 @@ def _confusion_figure(matrix: list[list[int]], classes: list[str]):
     return fig
 
 
-def log_model(model, example, *, registered_model_name: str | None = None):
+def log_model(
+    model, example, *, classes: list[str] | None = None, registered_model_name: str | None = None
+):
     """Log the model as a pt2 (torch.export) artifact, loadable by pyfunc and servable.
+
+    `example` is a float32 batch [N, C, H, W] as the model takes it; the signature records
+    its shape. `classes` (the name of each logit, in order) goes into the model's metadata
+    (`MLmodel`), with a description of the input: `get_model_info(uri).metadata["classes"]`.
 
     pip requirements are given explicitly: inferring them imports the model in a
     subprocess and costs seconds on every run. They pin the versions the model ran with and,
@@ -934,7 +975,20 @@ def log_model(model, example, *, registered_model_name: str | None = None):
             input_example=example,
             pip_requirements=requirements,
             registered_model_name=registered_model_name,
+            metadata=_model_metadata(example, classes),
         )
+
+
+def _model_metadata(example, classes: list[str] | None) -> dict[str, object]:
+    """What the served model's numbers mean: the input it takes and the name of each logit."""
+    _, c, h, w = example.shape
+    metadata: dict[str, object] = {
+        "input": f"float32 [N, {c}, {h}, {w}]: pixels / 255, then (x - 0.5) / 0.5",
+        "output": "float32 [N, classes] logits; classes[i] names logit i",
+    }
+    if classes is not None:
+        metadata["classes"] = list(classes)
+    return metadata
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -26,7 +26,7 @@ from pipeline.steps import validate_prep, validate_train
 
 from .conftest import ROOT, assert_one_line_error, run_cli
 
-PREP_FIELDS = ("val_fraction", "test_fraction", "split_seed")
+PREP_FIELDS = ("val_fraction", "test_fraction", "split_seed", "image_size")
 # (field, value as YAML, value on the command line, what the message says); each bad value
 # on every entry: CLI, experiment file (base, grid, runs), retrain.yaml, Python API.
 BAD = [
@@ -57,6 +57,8 @@ BAD = [
     ("test_fraction", "-.inf", "-inf", "test_fraction must be a finite number between 0 and 1"),
     ("split_seed", "-1", "-1", "split_seed must be between 0 and 18446744073709551615"),
     ("split_seed", "1e30", None, "split_seed must be an integer, got '1e30'"),
+    ("image_size", "11", "11", "image_size must be between 12 and 1024, got 11"),
+    ("image_size", "1025", "1025", "image_size must be between 12 and 1024, got 1025"),
 ]  # fmt: skip
 TRAIN_BAD = [b for b in BAD if b[0] not in PREP_FIELDS]
 CLI_BAD = [b for b in BAD if b[2] is not None]  # click reads 1e30 as no integer: its message
