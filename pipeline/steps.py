@@ -253,7 +253,11 @@ def run_train(
         if diverged is None:
             test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
             example = to_model_input(data.splits["test"].images[:2]).numpy()
-            info = tracking.log_model(model.cpu(), example)
+            # Every point written first: log_model attaches to the model the run's metrics
+            # at its step (the last step's train/*, val/*, epoch), whichever got there.
+            run.flush()
+            model_params = {k: "none" if v is None else v for k, v in params.items()}
+            info = tracking.log_model(model.cpu(), example, step=state.step, params=model_params)
             # The model first: its test metrics and test split are then the model's too.
             test_split = tracking.split_dataset(path, digest, data.source, "test")
             tracking.log_evaluation("test", test, data.classes, state.step, info.model_id,

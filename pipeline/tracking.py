@@ -669,8 +669,20 @@ def _confusion_figure(matrix: list[list[int]], classes: list[str]):
     return fig
 
 
-def log_model(model, example, *, registered_model_name: str | None = None):
+def log_model(
+    model,
+    example,
+    *,
+    registered_model_name: str | None = None,
+    step: int = 0,
+    params: dict[str, object] | None = None,
+):
     """Log the model as a pt2 (torch.export) artifact, loadable by pyfunc and servable.
+
+    `step`: the global step the weights are from; MLflow attaches to the model any metric
+    later logged at that step without a model id, so the run's step-0 metrics (`time/*`,
+    the first system metrics sample) stay the run's. `params` (as strings, `None` as
+    "none") are the model's own params in the UI's Models tab.
 
     pip requirements are given explicitly: inferring them imports the model in a
     subprocess and costs seconds on every run. They pin the versions the model ran with and,
@@ -705,6 +717,8 @@ def log_model(model, example, *, registered_model_name: str | None = None):
             input_example=example,
             pip_requirements=requirements,
             registered_model_name=registered_model_name,
+            step=step,
+            params=None if params is None else {k: str(v) for k, v in params.items()},
         )
 
 
