@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -18,8 +19,10 @@ from pipeline.loop import TrainState, train_epoch
 from pipeline.losses import build_loss
 from pipeline.models import build_model
 from pipeline.optimizers import build_optimizer
+from pipeline.registry import Version
+from pipeline.retrain import champion_train_config
 from pipeline.schedulers import build_scheduler
-from pipeline.steps import run_train, validate_train
+from pipeline.steps import requested_params, run_train, validate_train
 
 from .conftest import assert_one_line_error, run_cli
 from .test_components import Recorder
@@ -189,3 +192,13 @@ def test_python_api_checks_the_schedule():
     with pytest.raises(PipelineError, match=r"^unknown scheduler 'cyclic'; valid choices: none"):
         validate_train(TrainConfig(data="x.pt", scheduler="cyclic"))
     validate_train(TrainConfig(data="x.pt", scheduler="step", step_size=3, gamma=1.0))
+
+
+@pytest.mark.parametrize("scheduler", ["none", "cosine"])
+def test_retrain_reads_a_champions_schedule_back_from_its_params(tracking, scheduler):
+    """`--params-from champion` reads the train run's params back: scheduler `none` is the
+    choice, not an unset value (as `none` is for lr and momentum)."""
+    cfg = TrainConfig(scheduler=scheduler, warmup_steps=5, optimizer="momentum")
+    with mlflow.start_run() as run:
+        mlflow.log_params(requested_params(cfg))
+    assert champion_train_config(Version("1", run.info.run_id, 0, {})) == cfg
