@@ -30,6 +30,7 @@ OPTIMIZERS = (
     "nadam",
 )
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SCHEDULERS = ("none", "step", "cosine", "onecycle")
 CHOICES = {
     "dataset": DATASETS,
     "model": MODELS,
@@ -37,6 +38,7 @@ CHOICES = {
     "loss": LOSSES,
     "device": DEVICES,
     "channels": (1, 3),  # grayscale or RGB
+    "scheduler": SCHEDULERS,
 }
 
 
@@ -68,6 +70,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     loss: str = "cross_entropy"
     label_smoothing: float = 0.0  # cross_entropy only
+    # Learning-rate schedule, stepped per optimizer step (pipeline/schedulers.py).
+    scheduler: str = "none"  # the notebook: a constant lr
+    warmup_steps: int = 0  # linear warm-up before any schedule; 0 = none
+    step_size: int = 1  # step: epochs between decays
+    gamma: float = 0.1  # step: factor of each decay
+    eta_min_fraction: float = 0.0  # cosine: the last step's lr, as a fraction of lr
+    pct_start: float = 0.3  # onecycle: share of the steps spent rising to lr
     epochs: int = 10
     batch_size: int = 128
     seed: int = 42
@@ -135,6 +144,11 @@ RANGES = {
     "momentum": Range(0),
     "weight_decay": Range(0),
     "label_smoothing": Range(0, 1, high_open=True),
+    "warmup_steps": Range(0, integer=True),
+    "step_size": Range(1, integer=True),
+    "gamma": Range(0, 1, low_open=True),  # a decay: 1 keeps the lr, above 1 would grow it
+    "eta_min_fraction": Range(0, 1),
+    "pct_start": FRACTION,
     "epochs": Range(1, integer=True),
     "batch_size": Range(1, integer=True),
     "seed": SEED,

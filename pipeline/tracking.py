@@ -409,6 +409,7 @@ def start_run(
                 run = Run(active.info.run_id, active.info.experiment_id, writer_process)
             name = {} if users_name else {"mlflow.runName": run_name}
             mlflow.set_tags(name | {STEP_TAG: step, **version_tags()})
+            mark_model_training(run.experiment_id)  # also Default, and `mlflow run`'s
             yield run
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -614,15 +615,21 @@ def set_tags(tags: dict[str, str]) -> None:
 
 def log_prepared_data(path: Path, digest: str, splits: dict[str, int], source: str, counts) -> None:
     """The prepared file as an artifact, each split as a dataset input, class counts as JSON."""
+    mlflow.log_artifact(str(path), artifact_path="data")
+    mlflow.log_dict(counts, "class_counts.json")
+    for split, size in splits.items():
+        mlflow.log_input(split_dataset(path, digest, source, split), context=split,
+                         tags={"size": str(size)})  # fmt: skip
+
+
+def split_dataset(path: Path, digest: str, source: str, split: str):
+    """One split of a prepared file as an MLflow dataset: `<file stem>/<split>`, named and
+    digested alike wherever it is logged (data_prep's inputs, a model's test metrics)."""
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    mlflow.log_artifact(str(path), artifact_path="data")
-    mlflow.log_dict(counts, "class_counts.json")
     src = HTTPDatasetSource(source) if source.startswith("http") else _local_source(path)
-    for split, size in splits.items():
-        ds = MetaDataset(source=src, name=f"{path.stem}/{split}", digest=digest[:16])
-        mlflow.log_input(ds, context=split, tags={"size": str(size)})
+    return MetaDataset(source=src, name=f"{path.stem}/{split}", digest=digest[:16])
 
 
 def _local_source(path: Path):
@@ -666,8 +673,29 @@ def finished_runs(
     )
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# The kind the MLflow UI (3.x) opens on the runs table for; it opens an experiment without
+# a kind, or with a GenAI one, on its GenAI overview. Values from the UI's ExperimentKind.
+MODEL_TRAINING = "custom_model_development"
+
+
+def mark_model_training(experiment_id: str, tags: dict[str, str] | None = None) -> None:
+    """Tag the experiment as model training, so the MLflow UI opens it on its runs.
+
+    `tags`: the experiment's tags, when the caller has them (saves a request). A kind the
+    UI only guessed (`*_inferred`, `no_inferred_type`) is replaced; one somebody chose is
+    left as it is.
+    """
+    client = MlflowClient()
+    if tags is None:
+        tags = client.get_experiment(experiment_id).tags
+    kind = tags.get(EXPERIMENT_KIND_TAG)
+    if kind is None or kind.endswith("_inferred") or kind == "no_inferred_type":
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 def ensure_experiment(name: str) -> str:
-    """The id of experiment `name`, created now if missing.
+    """The id of experiment `name`, created now if missing, marked as model training.
 
     Created up front by the one sweep process: several processes calling `set_experiment`
     for a new name race, and all but one end up logging to "Default".
@@ -680,13 +708,15 @@ def ensure_experiment(name: str) -> str:
                 f"experiment {name!r} is deleted; restore it (mlflow experiments restore) "
                 "or choose another name"
             )
+        mark_model_training(found.experiment_id, found.tags)
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except mlflow.exceptions.MlflowException:
         found = client.get_experiment_by_name(name)  # another process created it first
         if found is None:
             raise
+        mark_model_training(found.experiment_id, found.tags)
         return found.experiment_id
 
 
@@ -886,17 +916,27 @@ def class_metric_names(classes: list[str]) -> list[str]:
     return names
 
 
-def log_evaluation(prefix: str, ev, classes: list[str], step: int) -> None:
+def log_evaluation(
+    prefix: str, ev, classes: list[str], step: int, model_id: str | None = None, dataset=None
+) -> None:
     """Final metrics, per-class accuracy and the confusion matrix as a figure and JSON.
 
     Per-class keys are `<prefix>/class_accuracy/<class_metric_names(classes)[i]>`; the JSON
-    pairs each real class name with its metric name.
+    pairs each real class name with its metric name. With `model_id` (a logged model's,
+    `log_model(...).model_id`) the metrics are that model's too, and with `dataset`
+    (`split_dataset`) they name the data they were measured on, which is logged as an input
+    of the run: the UI's Models tab then shows both.
     """
     metrics = {f"{prefix}/loss": ev.loss, f"{prefix}/accuracy": ev.accuracy}
     keys = class_metric_names(classes)
     for key, acc in zip(keys, ev.per_class_accuracy(), strict=True):
         metrics[f"{prefix}/class_accuracy/{key}"] = acc
-    mlflow.log_metrics(metrics, step=step)
+    run_id = mlflow.active_run().info.run_id
+    if dataset is not None:
+        mlflow.log_input(dataset, context=prefix)
+    # run_id given, so MLflow reads the run as it is now (with its model and input) instead
+    # of the active run's stale copy, and links neither a second time.
+    mlflow.log_metrics(metrics, step=step, run_id=run_id, model_id=model_id, dataset=dataset)
     mlflow.log_dict(
         {"classes": classes, "metric_names": keys, "matrix": ev.confusion},
         f"{prefix}_confusion.json",
@@ -934,13 +974,23 @@ def _confusion_figure(matrix: list[list[int]], classes: list[str]):
 
 
 def log_model(
-    model, example, *, classes: list[str] | None = None, registered_model_name: str | None = None
+    model,
+    example,
+    *,
+    classes: list[str] | None = None,
+    registered_model_name: str | None = None,
+    step: int = 0,
+    params: dict[str, object] | None = None,
 ):
     """Log the model as a pt2 (torch.export) artifact, loadable by pyfunc and servable.
 
     `example` is a float32 batch [N, C, H, W] as the model takes it; the signature records
     its shape. `classes` (the name of each logit, in order) goes into the model's metadata
     (`MLmodel`), with a description of the input: `get_model_info(uri).metadata["classes"]`.
+    `step`: the global step the weights are from; MLflow attaches to the model any metric
+    later logged at that step without a model id, so the run's step-0 metrics (`time/*`,
+    the first system metrics sample) stay the run's. `params` (as strings, `None` as
+    "none") are the model's own params in the UI's Models tab.
 
     pip requirements are given explicitly: inferring them imports the model in a
     subprocess and costs seconds on every run. They pin the versions the model ran with and,
@@ -976,6 +1026,8 @@ def log_model(
             pip_requirements=requirements,
             registered_model_name=registered_model_name,
             metadata=_model_metadata(example, classes),
+            step=step,
+            params=None if params is None else {k: str(v) for k, v in params.items()},
         )
 
 
