@@ -359,6 +359,7 @@ def reusable_prep(prep: PrepConfig, experiment_id: str) -> PrepResult | None:
 
 def run_main(prep: PrepConfig, train: TrainConfig) -> TrainResult:
     """data_prep then train as child runs of one parent; a matching data_prep run is reused."""
+    validate_prep(prep)
     validate_train(train)
     with tracking.start_run("main", f"main-{train.run_name}") as parent:
         tracking.log_params(prep.params() | _requested(train))
