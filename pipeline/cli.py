@@ -272,24 +272,104 @@ def trial(spec: str) -> None:
 
 
 def entry() -> None:
-    """Run the CLI; every error is one line on stderr and a non-zero exit status."""
+    """Run the CLI; every error is one line on stderr and a non-zero exit status.
+
+    A stop signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) ends the open runs KILLED and exits with
+    128 + its number, as a shell reports a process that signal killed: 130, 143, 129, 131.
+    Output to a closed pipe (`pipeline train ... | head`) is dropped; the command goes on.
+    """
+    from pipeline import signals
+
+    sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
+    with signals.stop_signals_raise():
+        code = _main()
+    _exit_now(code)
+
+
+def _main() -> int:
+    from pipeline import signals
+
     try:
+        _die_with_mlflow_run()
         code = cli.main(standalone_mode=False)
     except click.UsageError as exc:
         click.echo(f"Error: {exc.format_message()}", err=True)
-        sys.exit(2)
+        return 2
+    except (click.Abort, KeyboardInterrupt):
+        # click turns KeyboardInterrupt (and so our stop signals' exception) into Abort.
+        return _interrupted()
     except (click.ClickException, PipelineError) as exc:
+        if signals.received() is not None:  # the error is the signal's doing
+            return _interrupted()
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
         click.echo(f"Error: {message}", err=True)
-        sys.exit(getattr(exc, "exit_code", 1))
-    except (click.Abort, KeyboardInterrupt) as exc:
-        # click turns KeyboardInterrupt (and so our SIGTERM exception) into Abort.
-        from pipeline.signals import Terminated
+        return getattr(exc, "exit_code", 1)
+    except Exception:
+        if signals.received() is not None:  # e.g. a library wrapped our exception in its own
+            return _interrupted()
+        raise
+    if signals.received() is not None:  # its exception was swallowed, but it still counts
+        return _interrupted()
+    return code if isinstance(code, int) else 0
 
-        terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
-        click.echo(f"Interrupted by {'SIGTERM' if terminated else 'SIGINT'}", err=True)
-        sys.exit(143 if terminated else 130)
-    _exit_now(code if isinstance(code, int) else 0)
+
+def _interrupted() -> int:
+    import signal
+
+    from pipeline import signals
+
+    signum = signals.received() or signal.SIGINT  # None: Python's own Ctrl-C handler raised
+    click.echo(f"Interrupted by {signals.name(signum)}", err=True)
+    return signals.exit_code(signum)
+
+
+def _die_with_mlflow_run() -> None:
+    """Under `mlflow run`, end with it: killing `mlflow run` (SIGTERM, SIGKILL) kills only
+    that process, and its command would otherwise train on, unseen, to FINISHED."""
+    import os
+
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    from pipeline import signals
+    from pipeline.tracking import mlflow_run_pid
+
+    if (pid := mlflow_run_pid()) is not None:
+        signals.die_with_parent(pid)
+
+
+class _PipeSafe:
+    """A text stream that drops what it cannot write to a closed pipe.
+
+    Python ignores SIGPIPE, so writing to a pipe whose reader has gone (`| head`) raises
+    BrokenPipeError wherever a line is printed; that must not fail a training. The first
+    such error points the descriptor at /dev/null, so every later write succeeds unseen.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _exit_now(code: int) -> None:
