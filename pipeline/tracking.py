@@ -333,6 +333,8 @@ def start_run(
 
 STOPPED_BY_TAG = "pipeline.stopped_by"  # the signal that ended a KILLED run
 PROCESS_TAG = "pipeline.process"  # host:pid:start time of the process that owns the run
+# The run `mlflow run` made for this process; read now, as mlflow.start_run unsets it.
+MLFLOW_RUN_ID = os.environ.get("MLFLOW_RUN_ID")
 REASSERT_CODE = (
     "import sys; sys.path.insert(0, sys.argv[1]); import pipeline.tracking as t; "
     "t._reassert_killed_main(*sys.argv[2:])"
@@ -432,7 +434,7 @@ def end_orphaned_runs(runs: list[mlflow.entities.Run]) -> list[str]:
 
 def mlflow_run_pid() -> int | None:
     """The pid of the `mlflow run` process that started this one for its run, if it did."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    if not MLFLOW_RUN_ID:
         return None
     import psutil
 
@@ -449,7 +451,7 @@ def _outlast_mlflow_run(run_id: str) -> None:
     `RunStatus.is_terminated`, which takes an int, so it overwrites any final status). A
     small detached process waits for `mlflow run` to exit, then writes KILLED back."""
     pid = mlflow_run_pid()
-    if pid is None or run_id != os.environ.get("MLFLOW_RUN_ID"):
+    if pid is None or run_id != MLFLOW_RUN_ID:
         return
     root = str(Path(pipeline.__file__).resolve().parents[1])
     end_ms = str(int(time.time() * 1000))
