@@ -36,7 +36,14 @@ STOP_SIGNALS = tuple(
 HELD = STOP_SIGNALS
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
+# A stop signal this soon after the first is part of the same request, already in hand: a
+# Ctrl-C reaches every process of the group and `mlflow run` then sends SIGTERM as well; a
+# closed terminal sends SIGHUP, and the parent's death SIGTERM. Raising again would cut short
+# the very clean-up the first one started. A signal after that raises again.
+REPEAT_WINDOW_S = 5.0
+
 _received: int | None = None  # the first stop signal since the outermost stop_signals_raise()
+_last_raised = 0.0  # time.monotonic() of the last one raised
 
 
 class Terminated(KeyboardInterrupt):
@@ -73,9 +80,13 @@ def raise_if_received() -> None:
 
 
 def _raise_terminated(signum, frame):
-    global _received
+    global _received, _last_raised
+    now = time.monotonic()
+    if _received is not None and now - _last_raised < REPEAT_WINDOW_S:
+        return
     if _received is None:
         _received = signum
+    _last_raised = now
     raise Terminated(signum)
 
 

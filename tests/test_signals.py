@@ -91,6 +91,19 @@ def test_each_stop_signal_raises_and_is_recorded(sig, code):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
+def test_a_second_signal_at_once_does_not_cut_the_clean_up_short():
+    """Ctrl-C reaches the whole process group, and `mlflow run` then sends SIGTERM too."""
+    cleaned_up = []
+    with pytest.raises(Terminated) as info, signals.stop_signals_raise():
+        try:
+            signal.raise_signal(signal.SIGINT)
+        finally:
+            signal.raise_signal(signal.SIGTERM)  # part of the same request: no second raise
+            cleaned_up.append(True)
+    assert info.value.signum == signal.SIGINT and cleaned_up == [True]
+    assert signals.received() == signal.SIGINT
+
+
 def test_held_without_delivery_leaves_the_signal_to_the_caller():
     with signals.stop_signals_raise():
         with signals.held(deliver=False) as caught:
@@ -223,7 +236,7 @@ def _only_run(client: MlflowClient, step: str = "train"):
 @pytest.mark.parametrize("sig, code", STOP[2:])
 def test_hangup_and_quit_end_the_run_killed(tracking, tmp_path, sample_file, sig, code):
     """A closed terminal or SSH session (SIGHUP) and Ctrl-\\ (SIGQUIT), mid-loop."""
-    proc = _train_cli(tmp_path, sample_file, "--epochs", 500, "--batch-size", 16)
+    proc = _train_cli(tmp_path, sample_file, "--epochs", 500, "--batch-size", 64)
     client = MlflowClient(tracking)
     run = _only_run(client)
     _wait(lambda: client.get_metric_history(run.info.run_id, "val/loss"), "epoch", proc)
@@ -234,7 +247,7 @@ def test_hangup_and_quit_end_the_run_killed(tracking, tmp_path, sample_file, sig
     run = client.get_run(run.info.run_id)
     assert run.info.status == "KILLED" and run.data.tags[pt.STOPPED_BY_TAG] == signals.name(sig)
     steps = _steps(client, run.info.run_id)
-    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3600 // 16  # epoch 1
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3600 // 64  # epoch 1
 
 
 @pytest.mark.slow
@@ -315,7 +328,7 @@ def test_sigkill_of_a_sweep_stops_its_trials_and_the_resume_ends_orphans(trackin
     path = tmp_path / "exp.yaml"
     path.write_text(
         f"experiment: killed\ndata: {{data_dir: {tmp_path / 'data'}}}\n"
-        "base: {epochs: 3, batch_size: 32, log_every: 10}\ngrid: {optimizer: [adam, sgd]}\n"
+        "base: {epochs: 1, batch_size: 16, log_every: 10}\ngrid: {optimizer: [adam, sgd]}\n"
     )
     client = MlflowClient(tracking)
 
