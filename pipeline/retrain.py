@@ -189,7 +189,10 @@ def _retrain_locked(cfg: RetrainConfig, params_from: str, fail_after: str | None
     before = registry.champion(name)
     train_cfg = _challenger_config(cfg, params_from, before)
     late: list[int] = []  # stop signals that arrived while the decision was being written
+    # stop_signals_raise outermost: `commit` holds signals past the run's end, and handlers
+    # must be put back in the reverse order they were set.
     with (
+        signals.stop_signals_raise(),
         contextlib.ExitStack() as commit,
         tracking.start_run("retrain", f"retrain-{name}") as parent,
     ):

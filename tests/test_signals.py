@@ -438,6 +438,7 @@ def test_a_signal_during_the_retrain_decision_lands_it_whole_or_not_at_all(
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["retrain.decision"] == "promote"
     assert "RUNNING" not in {r.info.status for r in client.search_runs(["0"])}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # every handler put back
 
 
 def test_the_next_retrain_completes_half_written_decisions(tracking):
