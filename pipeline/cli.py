@@ -327,41 +327,117 @@ def entry() -> None:
     Nothing printed shows the credentials of a tracking URI (`store.redact`), tracebacks of
     unexpected errors included. Under `mlflow run`, a command that stops before starting its
     run marks the run MLflow created for it (`tracking.mark_not_started`).
+    A stop signal (SIGINT, SIGTERM, SIGHUP, SIGQUIT) ends the open runs KILLED and exits with
+    128 + its number, as a shell reports a process that signal killed: 130, 143, 129, 131.
+    Output to a closed pipe (`pipeline train ... | head`) is dropped; the command goes on.
     """
-    from pipeline import store
+    from pipeline import signals, store
 
+    sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
     if "@" in store.uri():  # a URI with credentials: whatever this process prints, hide them
         sys.stdout, sys.stderr = (
             store.RedactingStream(sys.stdout),
             store.RedactingStream(sys.stderr),
         )
+    with signals.stop_signals_raise():
+        code = _main()
+    _exit_now(code)
+
+
+def _main() -> int:
+    from pipeline import signals, store
+
     try:
         store.resolve_under_mlflow_run()
+        _die_with_mlflow_run()
         code = cli.main(standalone_mode=False)
     except click.UsageError as exc:
-        _fail(exc.format_message(), 2)
+        return _fail(exc.format_message(), 2)
+    except (click.Abort, KeyboardInterrupt):
+        # click turns KeyboardInterrupt (and so our stop signals' exception) into Abort.
+        return _interrupted()
     except (click.ClickException, PipelineError) as exc:
+        if signals.received() is not None:  # the error is the signal's doing
+            return _interrupted()
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
-        _fail(message, getattr(exc, "exit_code", 1))
-    except (click.Abort, KeyboardInterrupt) as exc:
-        # click turns KeyboardInterrupt (and so our SIGTERM exception) into Abort.
-        from pipeline.signals import Terminated
-
-        terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
-        click.echo(f"Interrupted by {'SIGTERM' if terminated else 'SIGINT'}", err=True)
-        sys.exit(143 if terminated else 130)
+        return _fail(message, getattr(exc, "exit_code", 1))
     except OSError as exc:
+        if signals.received() is not None:
+            return _interrupted()
         if exc.filename is None:  # not about a path the user gave: a bug, show where
-            _traceback()
+            return _traceback()
         # A folder that is a file, a path that cannot be created or read: the path and why.
-        _fail(f"{exc.filename}: {exc.strerror or exc}", 1)
+        return _fail(f"{exc.filename}: {exc.strerror or exc}", 1)
     except Exception:
-        _traceback()
-    _exit_now(code if isinstance(code, int) else 0)
+        if signals.received() is not None:  # e.g. a library wrapped our exception in its own
+            return _interrupted()
+        return _traceback()
+    if signals.received() is not None:  # its exception was swallowed, but it still counts
+        return _interrupted()
+    return code if isinstance(code, int) else 0
 
 
-def _fail(message: str, code: int) -> None:
-    """Print `Error: message` (credentials hidden) and exit with `code`."""
+def _interrupted() -> int:
+    import signal
+
+    from pipeline import signals
+
+    signum = signals.received() or signal.SIGINT  # None: Python's own Ctrl-C handler raised
+    click.echo(f"Interrupted by {signals.name(signum)}", err=True)
+    return signals.exit_code(signum)
+
+
+def _die_with_mlflow_run() -> None:
+    """Under `mlflow run`, end with it: killing `mlflow run` (SIGTERM, SIGKILL) kills only
+    that process, and its command would otherwise train on, unseen, to FINISHED."""
+    import os
+
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    from pipeline import signals
+    from pipeline.tracking import mlflow_run_pid
+
+    if (pid := mlflow_run_pid()) is not None:
+        signals.die_with_parent(pid)
+
+
+class _PipeSafe:
+    """A text stream that drops what it cannot write to a closed pipe.
+
+    Python ignores SIGPIPE, so writing to a pipe whose reader has gone (`| head`) raises
+    BrokenPipeError wherever a line is printed; that must not fail a training. The first
+    such error points the descriptor at /dev/null, so every later write succeeds unseen.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _fail(message: str, code: int) -> int:
+    """Print `Error: message` (credentials hidden); returns `code`, the exit status."""
     import os
 
     from pipeline.lock import EX_TEMPFAIL
@@ -373,17 +449,17 @@ def _fail(message: str, code: int) -> None:
 
         tracking.mark_not_started(message, "busy" if code == EX_TEMPFAIL else "invalid")
     click.echo(f"Error: {message}", err=True)
-    sys.exit(code)
+    return code
 
 
-def _traceback() -> None:
-    """An unexpected error: its traceback, with credentials hidden, and exit status 1."""
+def _traceback() -> int:
+    """An unexpected error: its traceback, with credentials hidden; returns exit status 1."""
     import traceback
 
     from pipeline.store import redact
 
     sys.stderr.write(redact(traceback.format_exc()))
-    sys.exit(1)
+    return 1
 
 
 def _exit_now(code: int) -> None:

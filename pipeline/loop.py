@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from pipeline import signals
 from pipeline.losses import LossFn
 
 SYNC_EVERY = 50  # logged steps kept on the device before one host transfer
@@ -133,27 +134,30 @@ def train_epoch(
     state.epoch += 1
     order = torch.randperm(len(x), generator=state.generator).to(x.device)
     pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
-    for i, start in enumerate(range(0, len(x), batch_size)):
-        idx = order[start : start + batch_size]
-        # index_select gathers the same rows as x[idx] at half the cost of advanced indexing.
-        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        with _autocast(x.device, amp):
-            logits = forward(xb)
-            loss = loss_fn(logits.float(), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lr = optimizer.param_groups[0]["lr"]  # the lr this step trains at
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        state.step += 1
-        if state.step % log_every == 0:
-            # Device tensors, read in one transfer by _report; accuracy is computed there too,
-            # for all pending steps at once, rather than with three small ops per step.
-            pending.append((i, state.step, time.time(), loss.detach(), logits.detach(), yb, lr))
-            if len(pending) >= SYNC_EVERY:
-                _report(state, pending, tracker)
-    _report(state, pending, tracker)
+    try:
+        for i, start in enumerate(range(0, len(x), batch_size)):
+            idx = order[start : start + batch_size]
+            # index_select gathers the same rows as x[idx] at half the cost of advanced indexing.
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            with _autocast(x.device, amp):
+                logits = forward(xb)
+                loss = loss_fn(logits.float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step trains at
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            state.step += 1
+            if state.step % log_every == 0:
+                # Device tensors, read in one transfer by _report; accuracy is computed there
+                # too, for all pending steps at once, rather than with three small ops per step.
+                pending.append((i, state.step, time.time(), loss.detach(), logits.detach(), yb, lr))
+                if len(pending) >= SYNC_EVERY:
+                    _report(state, pending, tracker)
+    finally:
+        # Also on the way out of an interrupted epoch: every completed step is reported.
+        _report(state, pending, tracker)
 
 
 def _report(state: TrainState, pending: list, tracker: Tracker) -> None:
@@ -173,8 +177,12 @@ def _report(state: TrainState, pending: list, tracker: Tracker) -> None:
         rows.append(StepLog(state.epoch, i, step, t, loss, c / len(yb) if finite else math.nan, lr))
         if not finite:
             break
-    tracker.log_steps(rows)
-    pending.clear()
+    # Cleared first: the caller's final _report must not hand these rows over again (metric
+    # points can never be deleted), even if a tracker raises; and no stop signal may come
+    # between the two and drop them.
+    with signals.held():
+        pending.clear()
+        tracker.log_steps(rows)
     if not math.isfinite(rows[-1].loss):
         raise Diverged(rows[-1].step, rows[-1].loss)
 

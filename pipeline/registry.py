@@ -99,6 +99,13 @@ def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
         client.set_model_version_tag(name, version, key, value)
 
 
+def record_decision(name: str, version: str, word: str, tags: dict[str, str]) -> None:
+    """Write a decision's tags, the decision word itself last: until it is written the
+    version reads `pending`, so a decision cut short is never taken for a whole one."""
+    tag_version(name, version, {k: v for k, v in tags.items() if k != DECISION})
+    tag_version(name, version, {DECISION: word})
+
+
 def move_champion(name: str, version: str) -> None:
     """Point the `champion` alias at `version`: the one write that changes what is served."""
     MlflowClient().set_registered_model_alias(name, CHAMPION, version)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 import typing
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline import configfile, registry, tracking
+from pipeline import configfile, registry, signals, tracking
 from pipeline.config import PrepConfig, TrainConfig
 from pipeline.data import load_prepared, to_model_input
 from pipeline.errors import PipelineError, first_line, quote
@@ -214,7 +215,15 @@ def _retrain_locked(cfg: RetrainConfig, params_from: str, fail_after: str | None
     name = cfg.model_name
     before = registry.champion(name)
     train_cfg = _challenger_config(cfg, params_from, before)
-    with tracking.start_run("retrain", f"retrain-{name}") as parent:
+    late: list[int] = []  # stop signals that arrived while the decision was being written
+    # stop_signals_raise outermost: `commit` holds signals past the run's end, and handlers
+    # must be put back in the reverse order they were set.
+    with (
+        signals.stop_signals_raise(),
+        contextlib.ExitStack() as commit,
+        tracking.start_run("retrain", f"retrain-{name}") as parent,
+    ):
+        _end_orphaned_retrains(name, parent.experiment_id)
         _log_start(cfg, params_from, train_cfg, before)
         prepared = run_prep(cfg.prep, nested=True, experiment_id=parent.experiment_id)
         tracking.set_tags({"data_digest": prepared.digest, "data_prep_run_id": prepared.run_id})
@@ -228,12 +237,24 @@ def _retrain_locked(cfg: RetrainConfig, params_from: str, fail_after: str | None
         lineage = {"data_digest": prepared.digest, "data_prep_run_id": prepared.run_id,
                    "source_run_id": trained.run_id, "retrain_run_id": parent.run_id}  # fmt: skip
         tags = _version_tags(cfg, before, scores) | lineage
-        version = registry.register(name, trained.model_uri, tags)
-        tracking.set_tags({"retrain.version": version.version})
+        with signals.held():  # a version is registered with its `pending` tag, or not at all
+            version = registry.register(name, trained.model_uri, tags)
+            tracking.set_tags({"retrain.version": version.version})
         _checkpoint("register", fail_after)
         decision = decide(cfg, scores.challenger, scores.champion, _v(before))
+        # The commit point. From here to the end of the run, stop signals wait, and then have
+        # nothing left to stop: the decision lands whole, the run ends FINISHED and the
+        # command exits 0. Before it, a signal leaves the champion and the registry unchanged
+        # but for a `pending` version, which the next retrain settles.
+        late = commit.enter_context(signals.held(deliver=False))
         _apply(cfg, decision, version.version, before, fail_after)
     print(f"retrain: {decision.word} {name} v{version.version}: {decision.reason}")
+    if late:
+        print(
+            f"retrain: {signals.name(late[0])} arrived while the decision was being recorded; "
+            "it was recorded in full first",
+            file=sys.stderr,
+        )
     return RetrainResult(
         parent.run_id, version.version, decision.word, decision.reason, scores.challenger,
         scores.champion, prepared.digest,
@@ -310,11 +331,10 @@ def _apply(cfg: RetrainConfig, decision: Decision, version: str, before, fail_af
     if decision.promote:
         registry.move_champion(cfg.model_name, version)
         _checkpoint("promote", fail_after)
-    record = {registry.DECISION: decision.word, "retrain.reason": decision.reason,
-              "retrain.decided_at": decided_at}  # fmt: skip
+    record = {"retrain.reason": decision.reason, "retrain.decided_at": decided_at}
     if decision.promote:
         record |= {"promoted_at": decided_at, "previous_champion": _v(before)}
-    registry.tag_version(cfg.model_name, version, record)
+    registry.record_decision(cfg.model_name, version, decision.word, record)
     after = version if decision.promote else _v(before)
     tracking.set_tags({"retrain.decision": decision.word, "retrain.reason": decision.reason,
                        "retrain.champion_after": after})  # fmt: skip
@@ -394,31 +414,66 @@ def _scalar(text: str) -> object:
 
 
 def settle_crashed(name: str) -> None:
-    """Give every `pending` version (its retrain crashed) its final decision."""
+    """Give every version whose decision a crash left unwritten or half-written its final one.
+
+    The decision tag is written last, so `pending` marks a decision not (fully) written: it
+    becomes `promote` if the alias already points at the version, else `abandoned`, with all
+    its decision tags rewritten. A decision word without its reason or time (written first
+    by earlier versions of this code) keeps its word and gets the missing tags.
+    """
     current = registry.champion(name)
     for v in registry.versions(name):
-        if v.decision != registry.PENDING:
+        if not _half_written(v):
             continue
-        promoted = current is not None and current.version == v.version
-        tags = _settled_promote(v) if promoted else _SETTLED_ABANDONED
-        registry.tag_version(name, v.version, tags | {"retrain.decided_at": _now()})
-        word = tags[registry.DECISION]
-        print(f"retrain: {name} v{v.version} was left pending by a crash; now {word}")
+        champion = current is not None and current.version == v.version
+        if champion or v.decision == registry.PROMOTE:
+            word, tags = registry.PROMOTE, _settled_promote(v)
+        elif v.decision == registry.KEEP:
+            word, tags = registry.KEEP, _SETTLED_KEEP
+        else:
+            word, tags = registry.ABANDONED, _SETTLED_ABANDONED
+        tags = tags | {"retrain.decided_at": _now()}
+        if v.decision != registry.PENDING:  # complete what it wrote, keep what it wrote
+            tags = {k: val for k, val in tags.items() if k not in v.tags}
+        registry.record_decision(name, v.version, word, tags)
+        print(f"retrain: {name} v{v.version} was left {v.decision} by a crash; now {word}")
 
 
+def _half_written(v: registry.Version) -> bool:
+    if v.decision == registry.PENDING:
+        return True
+    if v.decision not in (registry.PROMOTE, registry.KEEP):
+        return False
+    needed = ["retrain.reason", "retrain.decided_at"]
+    if v.decision == registry.PROMOTE:
+        needed += ["promoted_at", "previous_champion"]
+    return any(k not in v.tags for k in needed)
+
+
+_SETTLED_KEEP = {
+    "retrain.reason": "champion kept; its retrain stopped while recording the decision",
+}
 _SETTLED_ABANDONED = {
-    registry.DECISION: registry.ABANDONED,
     "retrain.reason": "its retrain crashed before a decision; it was never champion",
 }
 
 
 def _settled_promote(v: registry.Version) -> dict[str, str]:
     return {
-        registry.DECISION: registry.PROMOTE,
         "promoted_at": _now(),
         "previous_champion": v.tags.get("retrain.champion_version", "none"),
         "retrain.reason": "promoted, but its retrain crashed before recording the decision",
     }
+
+
+def _end_orphaned_retrains(name: str, experiment_id: str) -> None:
+    """End KILLED the runs of earlier retrains of `name` left RUNNING by a process that is
+    gone (SIGKILL, power cut), and their nested runs. The lock says no other retrain of
+    `name` runs on this host; runs of another host's process are left as they are."""
+    orphans = tracking.end_orphaned_runs(tracking.running_retrains(experiment_id, name))
+    for run_id in orphans:
+        tracking.end_orphaned_runs(tracking.running_children(experiment_id, run_id))
+        print(f"retrain: run {run_id} was left RUNNING by a process that is gone; now KILLED")
 
 
 def history(name: str) -> tuple[registry.Version | None, list[registry.Version]]:

@@ -76,6 +76,8 @@ def _sweep(exp: Experiment, experiment_id: str, resume: str | None, parallel: in
         "sweep", f"sweep-{exp.path.stem}", experiment_id=experiment_id, run_id=resume
     ) as parent:
         _start_parent(exp, parent.experiment_id, parallel, resume)
+        if resume:
+            _end_orphans(parent.experiment_id, resume)
         prepared = prep_or_reuse(exp.prep, parent.experiment_id)
         outcomes = _run_trials(exp, prepared, parent.experiment_id, parent.run_id, parallel)
         tracking.log_dict(
@@ -145,6 +147,14 @@ def _start_parent(exp: Experiment, experiment_id: str, parallel: int, resume: st
         params = {k: v for k, v in params.items() if k not in ("parallel", "experiment_file")}
     tracking.log_params(params)
     tracking.log_artifact(exp.path, "experiment")
+
+
+def _end_orphans(experiment_id: str, parent_id: str) -> None:
+    """End KILLED the child runs an interrupted sweep left RUNNING with no process behind
+    them (a SIGKILL, a power cut); their trials then run again like any unfinished one."""
+    orphans = tracking.end_orphaned_runs(tracking.running_children(experiment_id, parent_id))
+    for run_id in orphans:
+        print(f"sweep: run {run_id} was left RUNNING by a process that is gone; now KILLED")
 
 
 def _run_trials(
@@ -255,7 +265,7 @@ def _spawn(
     """Start `python -m pipeline trial SPEC` with this code, this store and a share of CPUs."""
     spec = json.dumps(
         {"config": asdict(trial.config), "name": trial.name, "experiment_id": experiment_id,
-         "parent_run_id": parent_id}
+         "parent_run_id": parent_id, "sweep_pid": os.getpid()}
     )  # fmt: skip
     root = str(Path(pipeline.__file__).resolve().parent.parent)  # the code this sweep runs
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -301,8 +311,13 @@ def _describe(outcome: Outcome) -> str:
 
 
 def run_trial_spec(spec: str) -> None:
-    """The `pipeline trial` process: one trial as a child of the sweep's parent run."""
+    """The `pipeline trial` process: one trial as a child of the sweep's parent run.
+
+    It gets SIGTERM, and so ends its run KILLED, when the sweep process ends, even by SIGKILL.
+    """
     doc = json.loads(spec)
+    if "sweep_pid" in doc:
+        signals.die_with_parent(doc["sweep_pid"])
     run_train(
         TrainConfig(**doc["config"]),
         experiment_id=doc["experiment_id"],

@@ -184,10 +184,10 @@ class MetricWriter:
 
 def _writer_main() -> None:
     """The helper process: open the run named on stdin, then log every pickled batch."""
-    # Signals are for the parent, which ends this process by closing stdin: a Ctrl-C or a
-    # SIGTERM must not drop the points still in the pipe.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Signals are for the parent, which ends this process by closing stdin: a Ctrl-C, a
+    # SIGTERM or a closed terminal must not drop the points still in the pipe.
+    for sig in signals.STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     # What opening a store imports, done while the parent is still busy: then the parent's
     # wait for READY is only the connection itself.
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
@@ -386,7 +386,7 @@ def start_run(
     Raises PipelineError, before any run is touched, when MLFLOW_RUN_ID or `run_id` names
     a run that is not there, is of another step, or (MLFLOW_RUN_ID) is not a new one.
     """
-    with signals.sigterm_raises():
+    with signals.stop_signals_raise():
         open_store()
         with _store_errors():
             existing, users_name = _run_to_reopen(step, run_id)
@@ -408,9 +408,13 @@ def start_run(
                 )
                 run = Run(active.info.run_id, active.info.experiment_id, writer_process)
             name = {} if users_name else {"mlflow.runName": run_name}
-            mlflow.set_tags(name | {STEP_TAG: step, **version_tags()})
+            # process_tag: lets a later command tell that a RUNNING run's process is gone.
+            mlflow.set_tags(name | {STEP_TAG: step, **version_tags(), **process_tag()})
             mark_model_training(run.experiment_id)  # also Default, and `mlflow run`'s
             yield run
+            # A stop signal whose exception was swallowed (raised inside a gc callback or a
+            # __del__) let the body carry on; the run still ends KILLED, never FINISHED.
+            signals.raise_if_received()
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -535,16 +539,152 @@ def mark_not_started(message: str, prefix: str) -> None:
         client.set_terminated(run_id, "FAILED")
 
 
+# --- how a run ends (signals, `mlflow run`) ---------------------------------------------
+
+STOPPED_BY_TAG = "pipeline.stopped_by"  # the signal that ended a KILLED run
+PROCESS_TAG = "pipeline.process"  # host:pid:start time of the process that owns the run
+# The run `mlflow run` made for this process; read now, as mlflow.start_run unsets it.
+MLFLOW_RUN_ID = os.environ.get("MLFLOW_RUN_ID")
+REASSERT_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import pipeline.tracking as t; "
+    "t._reassert_killed_main(*sys.argv[2:])"
+)
+
+
 def _end_run(run: Run, status: str) -> None:
-    """Write the queued points, then the final status, with signals held until both are in."""
+    """Write the queued points, then the final status, with signals held until both are in.
+
+    A stop signal, even one whose exception something swallowed, makes the status KILLED.
+    """
     with signals.held():
+        if status != "FINISHED" and signals.received() is not None:
+            status = "KILLED"
         try:
             run.flush()
         except PipelineError:
-            status = "FAILED"
+            if status != "KILLED":
+                status = "FAILED"
             raise
         finally:
+            if status != "FINISHED":
+                _mark_unfinished(run.run_id, run.experiment_id, status)
             mlflow.end_run(status)
+            if status == "KILLED":
+                _outlast_mlflow_run(run.run_id)
+
+
+def _mark_unfinished(run_id: str, experiment_id: str, status: str) -> None:
+    """What a run that did not finish records besides its status; never raises.
+
+    The signal that stopped it, as a tag, and any model it was logging finalized FAILED:
+    MLflow finalizes a logged model only on an Exception, so one cut short by a signal
+    would stay PENDING forever.
+    """
+    with contextlib.suppress(Exception):
+        if status == "KILLED" and (signum := signals.received()) is not None:
+            MlflowClient().set_tag(run_id, STOPPED_BY_TAG, signals.name(signum))
+    with contextlib.suppress(Exception):
+        fail_pending_models(run_id, experiment_id)
+
+
+def fail_pending_models(run_id: str, experiment_id: str) -> list[str]:
+    """Finalize as FAILED every logged model of the run still PENDING; returns their ids."""
+    client = MlflowClient()
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    pending = [m.model_id for m in models if str(m.status) == "PENDING"]
+    for model_id in pending:
+        client.finalize_logged_model(model_id, "FAILED")
+    return pending
+
+
+def process_tag() -> dict[str, str]:
+    """This process as `host:pid:start time`, to tell later whether a RUNNING run's process
+    is still alive (`process_alive`)."""
+    import psutil
+
+    started = int(psutil.Process().create_time())
+    return {PROCESS_TAG: f"{platform.node()}:{os.getpid()}:{started}"}
+
+
+def process_alive(tag: str | None) -> bool | None:
+    """Whether the process a `process_tag()` value names still runs; None when it cannot be
+    told (another host, no tag)."""
+    import psutil
+
+    try:
+        host, pid, started = tag.rsplit(":", 2)
+        pid, started = int(pid), int(started)
+    except (AttributeError, ValueError):
+        return None
+    if host != platform.node():
+        return None
+    try:
+        return int(psutil.Process(pid).create_time()) == started
+    except psutil.Error:
+        return False
+
+
+def end_orphaned_runs(runs: list[mlflow.entities.Run]) -> list[str]:
+    """End KILLED the RUNNING runs among `runs` whose process is gone (SIGKILL, power cut):
+    MLflow has no other way to learn they stopped. Returns the ids it ended."""
+    client, ended = MlflowClient(), []
+    for run in runs:
+        if run.info.status != "RUNNING":
+            continue
+        if process_alive(run.data.tags.get(PROCESS_TAG)) is not False:
+            continue  # alive, or unknown: not ours to end
+        fail_pending_models(run.info.run_id, run.info.experiment_id)
+        client.set_tag(run.info.run_id, STOPPED_BY_TAG, "process gone (SIGKILL or crash)")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def mlflow_run_pid() -> int | None:
+    """The pid of the `mlflow run` process that started this one for its run, if it did."""
+    if not MLFLOW_RUN_ID:
+        return None
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        args = psutil.Process().parent().cmdline()
+        if "run" in args and any(Path(a).name == "mlflow" for a in args):
+            return os.getppid()
+    return None
+
+
+def _outlast_mlflow_run(run_id: str) -> None:
+    """Under `mlflow run`, keep the KILLED of its run: once our command exits non-zero,
+    `mlflow run` sets its run FAILED (MLflow 3.17 compares a status string with
+    `RunStatus.is_terminated`, which takes an int, so it overwrites any final status). A
+    small detached process waits for `mlflow run` to exit, then writes KILLED back."""
+    pid = mlflow_run_pid()
+    if pid is None or run_id != MLFLOW_RUN_ID:
+        return
+    root = str(Path(pipeline.__file__).resolve().parents[1])
+    end_ms = str(int(time.time() * 1000))
+    with contextlib.suppress(OSError):
+        subprocess.Popen(
+            [sys.executable, "-c", REASSERT_CODE, root, run_id, str(pid), end_ms],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()},
+            start_new_session=True,  # out of reach of the Ctrl-C or hang-up that stopped us
+        )
+
+
+def _reassert_killed_main(run_id: str, pid: str, end_ms: str) -> None:
+    """The detached process of `_outlast_mlflow_run`."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(int(pid)).wait(timeout=120)
+    client = MlflowClient()
+    if client.get_run(run_id).info.status == "FAILED":
+        client.set_terminated(run_id, "KILLED", end_time=int(end_ms))
 
 
 def log_params(params: dict[str, object]) -> None:
@@ -813,6 +953,25 @@ def _no_progress_bar() -> Iterator[None]:
             del os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"]
         else:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
+
+
+def running_retrains(experiment_id: str, model_name: str) -> list[mlflow.entities.Run]:
+    """The RUNNING retrain runs of registered model `model_name`."""
+    return MlflowClient().search_runs(
+        [experiment_id],
+        f"tags.`{STEP_TAG}` = 'retrain' and tags.`retrain.model_name` = '{model_name}'"
+        " and attributes.status = 'RUNNING'",
+        max_results=5000,
+    )
+
+
+def running_children(experiment_id: str, parent_run_id: str) -> list[mlflow.entities.Run]:
+    """The RUNNING child runs of `parent_run_id`, any step."""
+    return MlflowClient().search_runs(
+        [experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=5000,
+    )
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:

@@ -44,7 +44,7 @@ def test_a_writer_started_ahead_but_unused_ends_with_the_run(tracking):
 
 def test_a_signal_inside_held_waits_for_the_block_then_acts_as_usual():
     done = []
-    with pytest.raises(Terminated), signals.sigterm_raises(), signals.held():
+    with pytest.raises(Terminated), signals.stop_signals_raise(), signals.held():
         os.kill(os.getpid(), signal.SIGTERM)
         done.append("rest of the block")  # a handler would have raised before this line
     assert done == ["rest of the block"]
