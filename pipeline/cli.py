@@ -1,5 +1,6 @@
 """The `pipeline` command: prep, train, main and retrain, as the MLproject entry points call
-them, and champion, which shows a registered model's champion and its history."""
+them, champion, which shows a registered model's champion and its history, and sync, which
+writes what runs kept while their tracking server was unreachable."""
 
 from __future__ import annotations
 
@@ -100,8 +101,16 @@ def _train_config(data: str, compile_: bool, **kwargs) -> TrainConfig:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Train PyTorch image classifiers and track them with MLflow."""
+    if ctx.invoked_subcommand != "sync" and "--help" not in sys.argv and "-h" not in sys.argv:
+        import os
+
+        from pipeline.spool import sync_quietly
+
+        # Writes that earlier commands kept for an unreachable server (see `sync`).
+        sync_quietly(os.environ.get("MLFLOW_TRACKING_URI", ""))
 
 
 @cli.command()
@@ -271,6 +280,26 @@ def trial(spec: str) -> None:
     run_trial_spec(spec)
 
 
+@cli.command()
+def sync() -> None:
+    """sync: write what runs kept while the tracking server was unreachable.
+
+    Runs keep, in ~/.cache/pipeline/spool (or $PIPELINE_SPOOL_DIR), every write the tracking
+    server of MLFLOW_TRACKING_URI did not take; this writes them, in order, with each run's
+    final status, and removes them. Exits 1 if the server is still unreachable.
+    """
+    from pipeline import spool, tracking
+
+    uri = tracking.tracking_uri()
+    lines, left = spool.sync(uri)
+    for line in lines:
+        click.echo(line)
+    if not lines:
+        click.echo(f"sync: nothing kept for {spool.redact(uri)}")
+    elif left:
+        click.echo(f"sync: {left} run(s) still being written by their process; run sync later")
+
+
 def entry() -> None:
     """Run the CLI; every error is one line on stderr and a non-zero exit status."""
     try:
@@ -289,6 +318,15 @@ def entry() -> None:
         terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
         click.echo(f"Interrupted by {'SIGTERM' if terminated else 'SIGINT'}", err=True)
         sys.exit(143 if terminated else 130)
+    except Exception as exc:
+        # A full disk or an unreachable tracking server: one line naming the path or server.
+        from pipeline.spool import explain
+
+        message = explain(exc)
+        if message is None:
+            raise
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(1)
     _exit_now(code if isinstance(code, int) else 0)
 
 

@@ -44,7 +44,7 @@ class TrainResult:
     run_id: str
     test_loss: float
     test_accuracy: float
-    model_uri: str
+    model_uri: str  # "" while the model is kept for an unreachable server (pipeline.spool)
     model: torch.nn.Module  # the trained network, on the CPU
 
 
@@ -203,11 +203,12 @@ def run_train(
                 "time/samples_per_second": cfg.epochs * len(y["train"]) / loop_seconds,
             }
         )
+    model_uri = info.model_uri if info is not None else ""
     print(
         f"train: test/loss={test.loss:.4f} test/accuracy={test.accuracy:.4f} "
-        f"run_id={run.run_id} model={info.model_uri}"
+        f"run_id={run.run_id} model={model_uri or '(kept for pipeline sync)'}"
     )
-    return TrainResult(run.run_id, test.loss, test.accuracy, info.model_uri, model)
+    return TrainResult(run.run_id, test.loss, test.accuracy, model_uri, model)
 
 
 def _process_age() -> float:

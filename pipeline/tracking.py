@@ -1,7 +1,9 @@
 """Every MLflow tracking call of the project lives here (registry calls: registry.py).
 
 The loop reports to `MlflowTracker`, which queues points for a helper process that writes
-them with `log_batch`, so per-step logging costs the training thread a list append.
+them with `log_batch`, so per-step logging costs the training thread a list append. Every
+write of a run goes through `pipeline.spool`, which keeps it while a tracking server is
+unreachable and writes it once the server is back.
 
 This module must not import torch at the top: the helper process imports it, and only
 needs MLflow.
@@ -28,11 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import pipeline
-from pipeline import signals
+from pipeline import signals, spool
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ CODE_VERSION_TAG = "pipeline.code_version"
 SWEEP_FILE_TAG = "pipeline.sweep_file_sha256"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default of 10 s leaves short runs with no samples
+spool.set_http_defaults()
 
 
 def code_version() -> str:
@@ -93,17 +95,22 @@ class WriterProcess:
             stderr=self.stderr,
         )
 
-    def finish(self) -> str | None:
-        """End of input; wait for the process to write the rest. Returns its error, if any."""
+    def finish(self) -> dict:
+        """End of input; wait for the process to write the rest (or keep it, see
+        `spool.PointQueue.close`). Returns its report: {"error": ...} if a write failed,
+        {"kept": N, "folder": ...} if N points were kept for a server that did not answer."""
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
         code = self.proc.wait()
+        out = self.proc.stdout.read().decode(errors="replace").strip().splitlines()
+        self.proc.stdout.close()
         self.stderr.seek(0)
         lines = self.stderr.read().decode(errors="replace").strip().splitlines()
         self.stderr.close()
-        if code == 0:
-            return None
-        return lines[-1] if lines else f"writer process exited with status {code}"
+        report = json.loads(out[-1]) if out and out[-1].startswith("{") else {}
+        if code != 0 and "error" not in report:
+            report["error"] = lines[-1] if lines else f"writer process exited with status {code}"
+        return report
 
 
 class MetricWriter:
@@ -121,6 +128,9 @@ class MetricWriter:
         self._process = process or WriterProcess()
         self._queue: queue.SimpleQueue[list[Point] | None] = queue.SimpleQueue()
         self._closed = False
+        self._broken = False  # the process is gone: its report says why
+        self._wait_s = 0.0
+        self.report: dict = {}
         proc = self._process.proc
         try:
             pickle.dump((mlflow.get_tracking_uri(), run_id), proc.stdin)
@@ -130,22 +140,32 @@ class MetricWriter:
             ready = b""
         if ready != READY:
             self._closed = True
-            raise PipelineError(f"logging metrics to MLflow failed: {self._process.finish()}")
+            error = self._process.finish().get("error", "the writer process did not start")
+            raise PipelineError(f"logging metrics to MLflow failed: {error}")
         self._thread = threading.Thread(target=self._feed, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
     def put(self, points: list[Point]) -> None:
+        """Queue points; raises PipelineError once the writer has stopped on an error (a full
+        disk, a deleted run), so a run whose points cannot be written stops early."""
+        if self._broken and not self._closed:
+            self.close()
         self._queue.put(points)
 
     def _feed(self) -> None:
         stdin = self._process.proc.stdin
-        with contextlib.suppress(OSError):  # the process died: close() reports why
+        try:
             while (item := self._queue.get()) is not None:
                 batch, done = self._drain(list(item))
                 pickle.dump(batch, stdin, protocol=pickle.HIGHEST_PROTOCOL)
                 stdin.flush()
                 if done:
                     break
+            # How long the process may wait for an unreachable server before keeping the rest.
+            pickle.dump(("close", self._wait_s), stdin)
+            stdin.flush()
+        except OSError:  # the process stopped on an error: close() reports it
+            self._broken = True
 
     def _drain(self, batch: list[Point]) -> tuple[list[Point], bool]:
         """Add whatever else is queued already; True once the end marker was taken."""
@@ -159,27 +179,35 @@ class MetricWriter:
             batch.extend(item)
         return batch, False
 
-    def close(self) -> None:
-        """Write everything queued so far, then stop; raises if any write failed.
+    def close(self, wait_s: float = 0.0) -> None:
+        """Write everything queued so far, then stop; raises if any write failed. Points a
+        tracking server did not take within `wait_s` s are kept (`self.report["kept"]`).
 
         Closing again does nothing.
         """
         if self._closed:
             return
         self._closed = True
+        self._wait_s = wait_s
         self._queue.put(None)
         self._thread.join()
-        error = self._process.finish()
-        if error is not None:
-            raise PipelineError(f"logging metrics to MLflow failed: {error}")
+        self.report = self._process.finish()
+        if "error" in self.report:
+            raise PipelineError(f"logging metrics to MLflow failed: {self.report['error']}")
 
 
 def _writer_main() -> None:
-    """The helper process: open the run named on stdin, then log every pickled batch."""
+    """The helper process: open the run named on stdin, then log every pickled batch.
+
+    The last message is ("close", seconds): how long to wait for an unreachable server
+    before keeping what is left in the run's spool. The report goes to stdout as JSON.
+    """
     # Signals are for the parent, which ends this process by closing stdin: a Ctrl-C or a
     # SIGTERM must not drop the points still in the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The queue retries under its own time budget; MLflow's retries would last minutes.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     # What opening a store imports, done while the parent is still busy: then the parent's
     # wait for READY is only the connection itself.
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
@@ -189,19 +217,25 @@ def _writer_main() -> None:
         tracking_uri, run_id = pickle.load(stdin)
     except EOFError:
         os._exit(0)  # started ahead, never used
-    client = MlflowClient(tracking_uri)
+    points = spool.PointQueue(MlflowClient(tracking_uri), tracking_uri, run_id)
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
-    while True:
+    wait_s = spool.wait_seconds()  # input ends without ("close", s): the parent died
+    while points.fatal is None:
         try:
-            points = pickle.load(stdin)
-        except EOFError:
+            message = pickle.load(stdin)
+        except (EOFError, pickle.UnpicklingError):
             break
-        metrics = [Metric(*p) for p in points]
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+        if isinstance(message, tuple):
+            wait_s = message[1]
+            break
+        points.put(message)
+    report = points.close(wait_s)
+    sys.stdout.buffer.write(json.dumps(report).encode() + b"\n")
+    sys.stdout.buffer.flush()
     sys.stderr.flush()
-    os._exit(0)  # everything is committed; the interpreter's teardown would only add ~1 s
+    # Everything is committed or kept; the interpreter's teardown would only add ~1 s.
+    os._exit(1 if "error" in report else 0)
 
 
 class MlflowTracker:
@@ -242,13 +276,16 @@ class Run:
             self._writer = MetricWriter(self.run_id, process)
         return MlflowTracker(self._writer)
 
-    def flush(self) -> None:
-        """Wait until every queued point is written; raises if any write failed."""
+    def flush(self, wait_s: float = 0.0) -> dict:
+        """Wait until every queued point is written, or kept after `wait_s` s of an
+        unreachable server; raises if any write failed. Returns the writer's report."""
         if self.process is not None:  # started ahead but never used
             self.process.finish()
             self.process = None
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close(wait_s)
+            return self._writer.report
+        return {}
 
 
 def open_store_in_background() -> threading.Thread:
@@ -325,15 +362,21 @@ def start_run(
 
 
 def _end_run(run: Run, status: str) -> None:
-    """Write the queued points, then the final status, with signals held until both are in."""
+    """Write the queued points, then the final status, with signals held until both are in.
+
+    An unreachable tracking server is waited for at most `spool.wait_seconds()` in all;
+    what it did not take is kept in the run's spool, announced in one line.
+    """
     with signals.held():
+        deadline = time.monotonic() + spool.wait_seconds()
+        report: dict = {}
         try:
-            run.flush()
+            report = run.flush(spool.wait_seconds())
         except PipelineError:
             status = "FAILED"
             raise
         finally:
-            mlflow.end_run(status)
+            spool.end_run(status, report, deadline)
 
 
 def log_params(params: dict[str, object]) -> None:
@@ -343,11 +386,11 @@ def log_params(params: dict[str, object]) -> None:
     existing = mlflow.active_run().data.params
     new = {k: "none" if v is None else str(v) for k, v in params.items() if k not in existing}
     if new:
-        mlflow.log_params(new)
+        spool.submit({"op": "params", "params": new})
 
 
 def set_tags(tags: dict[str, str]) -> None:
-    mlflow.set_tags(tags)
+    spool.submit({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
 
 def log_prepared_data(path: Path, digest: str, splits: dict[str, int], source: str, counts) -> None:
@@ -355,12 +398,12 @@ def log_prepared_data(path: Path, digest: str, splits: dict[str, int], source: s
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    mlflow.log_artifact(str(path), artifact_path="data")
-    mlflow.log_dict(counts, "class_counts.json")
+    log_artifact(path, artifact_path="data")
+    log_dict(counts, "class_counts.json")
     src = HTTPDatasetSource(source) if source.startswith("http") else _local_source(path)
     for split, size in splits.items():
         ds = MetaDataset(source=src, name=f"{path.stem}/{split}", digest=digest[:16])
-        mlflow.log_input(ds, context=split, tags={"size": str(size)})
+        spool.submit(spool.dataset_op(ds, split, {"size": str(size)}))
 
 
 def _local_source(path: Path):
@@ -531,11 +574,23 @@ def log_artifacts_to(run_id: str, folder: Path, artifact_path: str) -> None:
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    """A file to the active run (kept, as a copy, while the server is unreachable)."""
+    op = {"op": "artifact", "file": str(Path(path).resolve()), "artifact_path": artifact_path}
+    spool.submit(op)
 
 
 def log_dict(obj: object, artifact_file: str) -> None:
-    mlflow.log_dict(obj, artifact_file)
+    """`obj` as JSON at `artifact_file` of the active run, as `mlflow.log_dict` writes it."""
+    _log_file(lambda path: path.write_text(json.dumps(obj, indent=2)), artifact_file)
+
+
+def _log_file(write, artifact_file: str) -> None:
+    """Log the file that `write(path)` writes as `artifact_file` of the active run."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-artifact-") as folder:
+        path = Path(folder) / Path(artifact_file).name
+        write(path)
+        parent = str(Path(artifact_file).parent)
+        log_artifact(path, None if parent == "." else parent)
 
 
 def tracking_uri() -> str:
@@ -573,9 +628,10 @@ def log_evaluation(prefix: str, ev, classes: list[str], step: int) -> None:
     metrics = {f"{prefix}/loss": ev.loss, f"{prefix}/accuracy": ev.accuracy}
     for name, acc in zip(classes, ev.per_class_accuracy(), strict=True):
         metrics[f"{prefix}/class_accuracy/{name}"] = acc
-    mlflow.log_metrics(metrics, step=step)
-    mlflow.log_dict({"classes": classes, "matrix": ev.confusion}, f"{prefix}_confusion.json")
-    mlflow.log_figure(_confusion_figure(ev.confusion, classes), f"{prefix}_confusion_matrix.png")
+    log_metrics(metrics, step=step)
+    log_dict({"classes": classes, "matrix": ev.confusion}, f"{prefix}_confusion.json")
+    figure = _confusion_figure(ev.confusion, classes)
+    _log_file(figure.savefig, f"{prefix}_confusion_matrix.png")
 
 
 def _confusion_figure(matrix: list[list[int]], classes: list[str]):
@@ -621,9 +677,7 @@ def log_model(model, example, *, registered_model_name: str | None = None):
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     base = lambda v: v.split("+")[0]  # noqa: E731 - drop local tags like +cpu / +cu130
-    return mlflow.pytorch.log_model(
-        model,
-        name="model",
+    kwargs = dict(
         signature=infer_signature(example, output),
         input_example=example,
         pip_requirements=[
@@ -631,9 +685,20 @@ def log_model(model, example, *, registered_model_name: str | None = None):
             f"mlflow=={mlflow.__version__}",
             f"numpy=={np.__version__}",
         ],
-        registered_model_name=registered_model_name,
+    )
+    if registered_model_name is not None:  # registering needs the server now: never kept
+        return mlflow.pytorch.log_model(
+            model, name="model", registered_model_name=registered_model_name, **kwargs
+        )
+    return spool.keep_model(
+        lambda: mlflow.pytorch.log_model(model, name="model", **kwargs),
+        lambda path: mlflow.pytorch.save_model(model, path, **kwargs),
+        "model",
     )
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics(metrics, step=step)
+    """Metrics of the active run at `step` (0 if None), stamped now."""
+    ts = int(time.time() * 1000)
+    points = [[k, float(v), ts, step or 0] for k, v in metrics.items()]
+    spool.submit({"op": "metrics", "metrics": points})
