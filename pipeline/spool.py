@@ -73,17 +73,26 @@ Point = tuple[str, float, int, int]  # (key, value, timestamp ms, step)
 T = TypeVar("T")
 
 
-def set_http_defaults() -> None:
-    """Bound MLflow's HTTP retries in this process (and its children) unless the user chose,
-    and keep MLflow's system metrics sampler from logging each request that fails during an
-    outage (a long urllib3 chain each time): the run's one line says what was not written."""
+def configure() -> None:
+    """Bound MLflow's HTTP retries in this process (and its children) unless the user chose.
+
+    And keep MLflow from logging, as tracebacks, the failures that a run reports in one line
+    of its own: each request its system metrics sampler makes during an outage (a long
+    urllib3 chain each time), and each write to a sqlite store whose disk is full (a
+    100-line SQLAlchemy traceback each time).
+    """
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     logging.getLogger("mlflow.system_metrics.system_metrics_monitor").addFilter(_quiet_outage)
+    logging.getLogger("mlflow.store.db.utils").addFilter(_quiet_disk_full)
 
 
 def _quiet_outage(record: logging.LogRecord) -> bool:
     return record.levelno < logging.WARNING or "API request to" not in record.getMessage()
+
+
+def _quiet_disk_full(record: logging.LogRecord) -> bool:
+    return "database or disk is full" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -488,7 +497,7 @@ class PointQueue:
                     break
                 self._cond.wait(min(left, 1.0) if left > 0 else 0.2)
             if self.fatal is not None:
-                return {"error": _describe(self.fatal)}
+                return {"error": _describe(self.fatal, self.spool.uri)}
             if self._empty():
                 if self._spill is not None:
                     self._spill.remove()
@@ -961,9 +970,11 @@ def explain(exc: BaseException) -> str | None:
     return None
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, uri: str | None = None) -> str:
     from pipeline.errors import first_line
 
+    if (full := disk_full(exc, uri)) is not None:
+        return full
     if isinstance(exc, OSError):
         return describe_os_error(exc)
     return first_line(exc, with_type=True)

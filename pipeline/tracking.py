@@ -44,7 +44,7 @@ CODE_VERSION_TAG = "pipeline.code_version"
 SWEEP_FILE_TAG = "pipeline.sweep_file_sha256"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default of 10 s leaves short runs with no samples
-spool.set_http_defaults()
+spool.configure()
 
 
 def code_version() -> str:
