@@ -67,6 +67,7 @@ HTTP_DEFAULTS = {
 }
 OPS, METRICS, FILES = "ops.jsonl", "metrics.jsonl", "files"
 NOUNS = {"metrics": "metric point", "params": "param", "tags": "tag", "inputs": "dataset input"}
+STALL_S = 2.0  # a server silent this long (or the run's wait, if longer) is unreachable
 PROBE_S = 30.0  # after a failed write, the next live try comes this much later at the soonest
 
 Point = tuple[str, float, int, int]  # (key, value, timestamp ms, step)
@@ -348,12 +349,13 @@ def unreachable(exc: BaseException) -> str | None:
     for e in chain:  # the root cause says it best: "Connection refused"
         if isinstance(e, ConnectionError) and e.strerror:
             return e.strerror
+    # urllib3's NewConnectionError is a ConnectTimeoutError too, though not a timeout.
+    timeouts = (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+    if any(isinstance(e, timeouts) for e in chain) and not any(
+        isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain
+    ):
+        return f"no answer in {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
     for e in chain:
-        # urllib3's NewConnectionError is a ConnectTimeoutError too: not a timeout, though.
-        if isinstance(e, urllib3.exceptions.NewConnectionError):
-            return "cannot connect"
-        if isinstance(e, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
-            return f"no answer in {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
         response = getattr(e, "response", None)
         if isinstance(e, requests.exceptions.HTTPError) and response is not None:
             status = response.status_code
@@ -363,6 +365,9 @@ def unreachable(exc: BaseException) -> str | None:
             e.reason, urllib3.exceptions.ResponseError
         ):
             return str(e.reason)  # "too many 503 error responses"
+    for e in chain:
+        if isinstance(e, urllib3.exceptions.NewConnectionError):
+            return "cannot connect"
         if isinstance(
             e,
             (
@@ -415,6 +420,8 @@ class PointQueue:
         self._poke = threading.Event()  # cuts a back-off short: the run is ending
         self.fatal: BaseException | None = None
         self.down: str | None = None  # why the server is unreachable, while it is
+        self._server = is_server(uri)
+        self._last_answer = time.monotonic()
         self.written = 0
         self._thread = threading.Thread(target=self._send, name="points", daemon=True)
         self._thread.start()
@@ -472,9 +479,10 @@ class PointQueue:
                 continue
             attempt = 0
             with self._cond:
-                if self._head is batch:  # `keep` may have taken it meanwhile
+                if self._head is batch:  # `close` may have kept it meanwhile
                     self._head = None
                     self.written += len(batch)
+                self._last_answer = time.monotonic()
                 self.down = None
                 self._cond.notify_all()
 
@@ -486,16 +494,21 @@ class PointQueue:
         """Write what is queued, waiting at most `wait_s` s for an unreachable server; keep
         the rest in the spool. Returns the report the parent prints from."""
         deadline = time.monotonic() + wait_s
+        stall = max(wait_s, STALL_S)
         self._poke.set()
         with self._cond:
             self._closing = True
+            self._last_answer = time.monotonic()
             self._cond.notify_all()
-            # A server that takes points is waited for however long they take.
+            # A server that takes points is waited for however long they take; one that
+            # refuses them, or has not answered for `stall` s, only until the deadline.
             while not self._empty() and self.fatal is None:
-                left = deadline - time.monotonic()
-                if left <= 0 and self.down is not None:
+                now = time.monotonic()
+                silent = self._server and now - self._last_answer >= stall
+                if now >= deadline and (self.down is not None or silent):
+                    self.down = self.down or f"no answer in {stall:g} s"
                     break
-                self._cond.wait(min(left, 1.0) if left > 0 else 0.2)
+                self._cond.wait(0.2)
             if self.fatal is not None:
                 return {"error": _describe(self.fatal, self.spool.uri)}
             if self._empty():
@@ -625,7 +638,23 @@ def _keep(spool: RunSpool, op: dict) -> None:
     spool.append(op)
 
 
-def keep_model(write: Callable[[], T], save: Callable[[str], None], name: str) -> T | None:
+class KeptModel:
+    """A model saved in a run's spool; `model_uri` is "" until a replay in this process has
+    logged it (the run's end, once the server is back), then `models:/<id>`."""
+
+    def __init__(self, run_id: str, name: str) -> None:
+        self.run_id, self.name = run_id, name
+
+    @property
+    def model_uri(self) -> str:
+        model_id = _replayed_models.get((self.run_id, self.name))
+        return f"models:/{model_id}" if model_id else ""
+
+
+_replayed_models: dict[tuple[str, str], str] = {}  # (run id, name) -> logged model id
+
+
+def keep_model(write: Callable[[], T], save: Callable[[str], None], name: str) -> T | KeptModel:
     """Log the model with `write`, or, while the server is unreachable, `save` it as an
     MLflow model folder in the run's spool, to be logged as the run's model named `name`."""
     uri, run_id = _uri(), _active_run_id()
@@ -649,7 +678,7 @@ def keep_model(write: Callable[[], T], save: Callable[[str], None], name: str) -
     save(str(slot / name))
     _owner_only(slot)
     spool.append({"op": "model", "dir": str((slot / name).relative_to(spool.folder)), "name": name})
-    return None
+    return KeptModel(run_id, name)
 
 
 def forget_active_run() -> None:
@@ -869,6 +898,7 @@ def _apply_model(client, run_id: str, op: dict, folder: Path) -> None:
         client.log_model_artifacts(model_id, str(path))
         record(uploaded=True)
     client.finalize_logged_model(model_id, "READY")
+    _replayed_models[(run_id, op["name"])] = model_id
 
 
 # --- pipeline sync ------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def run_train(
                 "time/samples_per_second": cfg.epochs * len(y["train"]) / loop_seconds,
             }
         )
-    model_uri = info.model_uri if info is not None else ""
+    model_uri = info.model_uri  # "" while kept: see spool.KeptModel
     print(
         f"train: test/loss={test.loss:.4f} test/accuracy={test.accuracy:.4f} "
         f"run_id={run.run_id} model={model_uri or '(kept for pipeline sync)'}"

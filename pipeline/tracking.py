@@ -350,7 +350,7 @@ def start_run(
                     log_system_metrics=system_metrics,
                 )
                 run = Run(active.info.run_id, active.info.experiment_id, writer_process)
-            mlflow.set_tags({"mlflow.runName": run_name, STEP_TAG: step, **version_tags()})
+            set_tags({"mlflow.runName": run_name, STEP_TAG: step, **version_tags()})
             yield run
             status = "FINISHED"
         except KeyboardInterrupt:
