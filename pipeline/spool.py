@@ -202,14 +202,16 @@ def _read_lines(path: Path) -> list[Any]:
 class RunSpool:
     """The kept writes of one run: `ops.jsonl`, `metrics.jsonl`, `files/`, `run.json`.
 
-    The folder, its files and `files/` are readable by their owner only. Writers hold
-    `owner.lock` (the run's process) or `writer.lock` (its metric writer) while they may
-    still add to it, so that `pipeline sync` never writes a run that is still running.
+    The folder, its files and `files/` are readable by their owner only. `run.json` names
+    the process that ran the run (`owner`, with its start time against pid reuse); while it
+    lives, or while its metric writer holds `writer.lock`, `pipeline sync` leaves the run
+    alone: the run's own end writes it. A sync holds `sync.lock` while it writes.
     """
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, owner: int | None = None) -> None:
         self.uri, self.run_id = uri, run_id
         self.folder = store_folder(uri) / run_id
+        self.owner = owner or os.getpid()
         self._lock_fd: int | None = None
 
     def exists(self) -> bool:
@@ -218,11 +220,17 @@ class RunSpool:
     def create(self) -> Path:
         if not self.folder.exists():
             _private_dir(self.folder)
-            meta = {"run_id": self.run_id, "store": redact(self.uri), "since": _now_iso()}
+            meta = {
+                "run_id": self.run_id,
+                "store": redact(self.uri),
+                "since": _now_iso(),
+                "owner": self.owner,
+                "owner_started": _started(self.owner),
+            }
             _write_private(self.folder / "run.json", json.dumps(meta).encode())
         return self.folder
 
-    def hold(self, name: str = "owner.lock") -> bool:
+    def hold(self, name: str) -> bool:
         """Take the folder's lock `name` for as long as this process lives (or `release`).
         False if another process holds it."""
         import fcntl
@@ -245,38 +253,44 @@ class RunSpool:
             self._lock_fd = None
 
     def in_use(self) -> bool:
-        """Whether a live process still holds one of the run's locks."""
+        """Whether the run's process, or its metric writer, is still alive."""
         import fcntl
 
-        for name in ("owner.lock", "writer.lock"):
-            path = self.folder / name
-            if not path.exists():
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            finally:
-                os.close(fd)
+        meta = json.loads((self.folder / "run.json").read_text())
+        if meta["owner"] != os.getpid() and _started(meta["owner"]) == meta["owner_started"]:
+            return True
+        path = self.folder / "writer.lock"
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
         return False
 
     def append(self, op: dict) -> None:
-        self.hold()
+        self.create()
         _write_private(self.folder / OPS, _line(op), "ab")
 
     def keep_file(self, path: Path, name: str | None = None) -> str:
         """Copy `path` (a file or folder) into `files/`; returns its name in the spool."""
-        files = _private_dir(self.create() / FILES)
-        slot = files / f"{len(list(files.iterdir())):04d}"
-        slot.mkdir(mode=0o700)
-        target = slot / (name or path.name)
+        target = self.slot() / (name or path.name)
         if path.is_dir():
             shutil.copytree(path, target)
         else:
             shutil.copyfile(path, target)
         _owner_only(target)
         return str(target.relative_to(self.folder))
+
+    def slot(self) -> Path:
+        """A new, empty folder in `files/` for one kept file or model."""
+        files = _private_dir(self.create() / FILES)
+        slot = files / f"{len(list(files.iterdir())):04d}"
+        slot.mkdir(mode=0o700)
+        return slot
 
     def ops(self) -> list[dict]:
         return _read_lines(self.folder / OPS)
@@ -313,6 +327,16 @@ class RunSpool:
     def remove(self) -> None:
         self.release()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _started(pid: int) -> float | None:
+    """When process `pid` started, or None if there is none."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def _now_iso() -> str:
@@ -410,7 +434,7 @@ class PointQueue:
 
     def __init__(self, client, uri: str, run_id: str) -> None:
         self.client, self.run_id = client, run_id
-        self.spool = RunSpool(uri, run_id)
+        self.spool = RunSpool(uri, run_id, owner=os.getppid())  # the run's process
         self._cond = threading.Condition()
         self._head: list[Point] | None = None
         self._tail: deque[list[Point]] = deque()
@@ -592,30 +616,38 @@ def _uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def submit(op: dict, write: Callable[[], T] | None = None) -> T | None:
-    """Write `op` to the active run now, or keep it while the server is unreachable.
-
-    `write` is how to write it live (default: `apply`). Once one write of this process found
-    the server unreachable, or the run has kept writes already, `op` goes straight to the
-    spool: writes stay in order, and the training does not wait on a dead server again.
-    """
+def submit(op: dict) -> None:
+    """Write `op` to the active run now, or keep it while the server is unreachable."""
     uri, run_id = _uri(), _active_run_id()
+    if _write_live(uri, run_id, lambda: _apply_live(op, run_id)) is _KEPT:
+        _keep(RunSpool(uri, run_id), op)
+
+
+_KEPT = object()  # what `_write_live` returns for a write it did not make
+
+
+def _write_live(uri: str, run_id: str, write: Callable[[], T]) -> T | object:
+    """`write()` now, in one attempt; `_KEPT` instead when the server is unreachable.
+
+    Once a write of this process found it unreachable, or the run has kept writes already,
+    the next ones are kept without trying: writes stay in order, and the training does not
+    wait on a dead server again (a live try is made again after `PROBE_S`).
+    """
     if not is_server(uri):
-        return write() if write else _apply_live(op, run_id)
-    spool = RunSpool(uri, run_id)
-    if _try_live(spool):
-        try:
-            with _no_http_retries():
-                result = write() if write else _apply_live(op, run_id)
-            _mark_down(None)
-            return result
-        except Exception as exc:
-            reason = unreachable(exc)
-            if reason is None:
-                raise
-            _mark_down(reason)
-    _keep(spool, op)
-    return None
+        return write()
+    if not _try_live(RunSpool(uri, run_id)):
+        return _KEPT
+    try:
+        with _no_http_retries():
+            result = write()
+    except Exception as exc:
+        reason = unreachable(exc)
+        if reason is None:
+            raise
+        _mark_down(reason)
+        return _KEPT
+    _mark_down(None)
+    return result
 
 
 def _try_live(spool: RunSpool) -> bool:
@@ -658,26 +690,14 @@ def keep_model(write: Callable[[], T], save: Callable[[str], None], name: str) -
     """Log the model with `write`, or, while the server is unreachable, `save` it as an
     MLflow model folder in the run's spool, to be logged as the run's model named `name`."""
     uri, run_id = _uri(), _active_run_id()
-    if not is_server(uri):
-        return write()
+    result = _write_live(uri, run_id, write)
+    if result is not _KEPT:
+        return result
     spool = RunSpool(uri, run_id)
-    if _try_live(spool):
-        try:
-            with _no_http_retries():
-                result = write()
-            _mark_down(None)
-            return result
-        except Exception as exc:
-            reason = unreachable(exc)
-            if reason is None:
-                raise
-            _mark_down(reason)
-    files = _private_dir(spool.create() / FILES)
-    slot = files / f"{len(list(files.iterdir())):04d}"
-    slot.mkdir(mode=0o700)
-    save(str(slot / name))
-    _owner_only(slot)
-    spool.append({"op": "model", "dir": str((slot / name).relative_to(spool.folder)), "name": name})
+    path = spool.slot() / name
+    save(str(path))
+    _owner_only(path)
+    spool.append({"op": "model", "dir": str(path.relative_to(spool.folder)), "name": name})
     return KeptModel(run_id, name)
 
 
@@ -926,7 +946,7 @@ def sync(uri: str, *, quiet: bool = False) -> tuple[list[str], int]:
     left = 0
     client = MlflowClient(uri)
     for spool in kept_runs(uri):
-        if spool.in_use() or not spool.hold():
+        if spool.in_use() or not spool.hold("sync.lock"):
             left += 1
             if not quiet:
                 lines.append(f"sync: run {spool.run_id}: still being written by its process")
