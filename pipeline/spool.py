@@ -802,7 +802,9 @@ def drain(spool: RunSpool, deadline: float) -> bool:
         pause = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
         attempt += 1
         time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
-    print(kept_line(spool, _down or "unreachable"), file=sys.stderr, flush=True)
+    # One write: MLflow's threads log to stderr too, and must not land inside the line.
+    sys.stderr.write(kept_line(spool, _down or "unreachable") + "\n")
+    sys.stderr.flush()
     spool.release()
     return False
 
