@@ -107,8 +107,9 @@ def cli(ctx: click.Context) -> None:
     if ctx.invoked_subcommand != "sync" and "--help" not in sys.argv and "-h" not in sys.argv:
         import os
 
-        from pipeline.spool import sync_quietly
+        from pipeline.spool import check_settings, sync_quietly
 
+        check_settings()
         # Writes that earlier commands kept for an unreachable server (see `sync`).
         sync_quietly(os.environ.get("MLFLOW_TRACKING_URI", ""))
 

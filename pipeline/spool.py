@@ -117,12 +117,24 @@ def _no_http_retries(timeout_s: float | None = None) -> Iterator[None]:
 
 
 def wait_seconds() -> float:
-    """How long a run's end waits for an unreachable server ($PIPELINE_SERVER_WAIT, s)."""
+    """How long a run's end waits for an unreachable server ($PIPELINE_SERVER_WAIT, s; the
+    default where it is not a number >= 0, which `check_settings` reports up front)."""
+    try:
+        return check_settings()
+    except PipelineError:
+        return DEFAULT_WAIT_S
+
+
+def check_settings() -> float:
+    """$PIPELINE_SERVER_WAIT as seconds; PipelineError if it is not a number >= 0."""
     raw = os.environ.get(WAIT_ENV, "")
     try:
-        return max(0.0, float(raw)) if raw else DEFAULT_WAIT_S
+        value = float(raw) if raw else DEFAULT_WAIT_S
     except ValueError:
-        raise PipelineError(f"{WAIT_ENV}={raw!r} is not a number of seconds") from None
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise PipelineError(f"{WAIT_ENV}={raw!r} is invalid; give seconds, a number >= 0")
+    return value
 
 
 # --- where runs are kept -----------------------------------------------------------------
@@ -704,9 +716,11 @@ def keep_model(write: Callable[[], T], save: Callable[[str], None], name: str) -
 def forget_active_run() -> None:
     """End the active run in this process without writing to the server: its status is
     kept. MLflow has no public call for this; `end_run` would write the status first."""
+    from mlflow.environment_variables import MLFLOW_RUN_ID
     from mlflow.tracking import fluent
 
     run_id = _active_run_id()
+    MLFLOW_RUN_ID.unset()  # as end_run does: a run started later must not resume this one
     fluent._active_run_stack.get().pop()
     _stop_system_metrics(run_id)
 
@@ -946,8 +960,9 @@ def sync(uri: str, *, quiet: bool = False) -> tuple[list[str], int]:
 
     lines: list[str] = []
     left = 0
-    client = MlflowClient(uri)
-    for spool in kept_runs(uri):
+    runs = kept_runs(uri)
+    client = MlflowClient(uri) if runs else None
+    for spool in runs:
         if spool.in_use() or not spool.hold("sync.lock"):
             left += 1
             if not quiet:

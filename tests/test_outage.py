@@ -101,6 +101,57 @@ def test_points_kept_for_an_unreachable_server_are_written_once(
     assert sorted(m.step for m in history) == list(range(1, 2501))
 
 
+def test_every_kind_of_kept_write_is_written_in_order(tracking, tmp_path, spool_dir):
+    import numpy as np
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from pipeline.models import build_model
+
+    client = MlflowClient(tracking)
+    run_id = client.create_run("0").info.run_id
+    kept = spool.RunSpool("http://127.0.0.1:9", run_id)  # the server it was meant for
+    kept.append({"op": "params", "params": {"optimizer": "adam", "lr": "auto"}})
+    kept.append({"op": "tags", "tags": {"device": "cpu"}})
+    kept.append({"op": "tags", "tags": {"device": "cuda"}})  # a later write wins
+    kept.append({"op": "metrics", "metrics": [["test/accuracy", 0.9, 1_700_000_000_000, 58]]})
+    table = tmp_path / "table.csv"
+    table.write_text("a,b\n1,2\n")
+    spool._keep(kept, {"op": "artifact", "file": str(table), "artifact_path": "compare"})
+    table.unlink()  # the spool has its own copy
+    source = HTTPDatasetSource("https://example.com/digits.npz")
+    dataset = MetaDataset(source=source, name="s/train", digest="d1")
+    kept.append(spool.dataset_op(dataset, "train", {"size": "3600"}))
+    model_dir = kept.slot() / "model"
+    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    mlflow.pytorch.save_model(build_model("seed_cnn"), str(model_dir), input_example=example)
+    kept.append({"op": "model", "dir": str(model_dir.relative_to(kept.folder)), "name": "model"})
+    kept.append({"op": "end", "status": "KILLED", "end_time": 1_700_000_100_000})
+    assert kept.summary() == (
+        "1 metric point, 2 params, 2 tags, 1 artifact, 1 dataset input, 1 model, "
+        "the end status KILLED"
+    )
+
+    spool.replay(client, kept)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time == 1_700_000_100_000
+    assert run.data.params == {"optimizer": "adam", "lr": "auto"}
+    assert run.data.tags["device"] == "cuda"
+    (point,) = client.get_metric_history(run_id, "test/accuracy")
+    assert (point.value, point.step, point.timestamp) == (0.9, 58, 1_700_000_000_000)
+    assert [a.path for a in client.list_artifacts(run_id, "compare")] == ["compare/table.csv"]
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "s/train" and {t.key: t.value for t in inp.tags} == {
+        "size": "3600",
+        "mlflow.data.context": "train",
+    }
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.status == LoggedModelStatus.READY and model.source_run_id == run_id
+    served = mlflow.pyfunc.load_model(f"models:/{output.model_id}").predict(example)
+    assert np.asarray(served).shape == (2, 10)
+
+
 def test_the_end_of_a_run_waits_at_most_its_budget_for_a_silent_server(
     tracking, silent, spool_dir, monkeypatch
 ):
@@ -367,6 +418,15 @@ def test_a_full_data_folder_keeps_the_previous_prepared_file(tracking, small_dis
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
     runs = MlflowClient(tracking).search_runs(["0"])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # no second, broken run
+
+
+def test_a_bad_server_wait_is_a_one_line_error(tracking, tmp_path, sample_file, monkeypatch):
+    from .conftest import run_cli
+
+    monkeypatch.setenv(spool.WAIT_ENV, "soon")
+    proc = run_cli("train", "--data", str(sample_file), cwd=tmp_path)
+    assert_one_line_error(proc, "PIPELINE_SERVER_WAIT='soon' is invalid")
+    assert MlflowClient(tracking).search_runs(["0"]) == []
 
 
 def test_spool_lines_survive_a_torn_last_line(tmp_path):
