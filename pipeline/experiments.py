@@ -12,7 +12,15 @@ import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.config import PrepConfig, TrainConfig
+from pipeline.config import (
+    MAX_EXPERIMENT_NAME,
+    MAX_RUN_NAME,
+    MAX_TAG_VALUE,
+    PrepConfig,
+    TrainConfig,
+    check_length,
+    check_range,
+)
 from pipeline.configfile import (
     TRAIN_KEYS,
     FileErrors,
@@ -22,7 +30,7 @@ from pipeline.configfile import (
     train_value,
     train_values,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, quote
 from pipeline.steps import validate_train
 
 TOP_KEYS = ("experiment", "description", "data", "base", "grid", "runs", "seeds", "metric",
@@ -88,12 +96,20 @@ def _parse(path: Path, text: str, doc: object) -> Experiment:
     description = doc.get("description", "")
     if not isinstance(description, str):
         raise err("key 'description' must be a string")
+    # MLflow's limits: the experiment's name, the parent run's name and its note (a tag)
+    _mlflow_length(err, "experiment", name, MAX_EXPERIMENT_NAME)
+    _mlflow_length(err, "description", description, MAX_TAG_VALUE)
+    _mlflow_length(err, "the parent run's name", f"sweep-{path.stem}", MAX_RUN_NAME)
     metric = doc.get("metric", "test/accuracy")
     if metric not in RANK_METRICS:
-        raise err(f"metric {metric!r} is not rankable; valid choices: {', '.join(RANK_METRICS)}")
+        raise err(
+            f"metric {quote(metric)} is not rankable; valid choices: {', '.join(RANK_METRICS)}"
+        )
     direction = doc.get("direction", default_direction(metric))
     if direction not in DIRECTIONS:
-        raise err(f"direction {direction!r} is invalid; valid choices: {', '.join(DIRECTIONS)}")
+        raise err(
+            f"direction {quote(direction)} is invalid; valid choices: {', '.join(DIRECTIONS)}"
+        )
     prep = prep_config(err, doc.get("data"), "data")
     base = _values(err, mapping(err, doc.get("base"), "base"), "base")
     combos = _grid(err, doc) + _runs(err, doc)
@@ -119,14 +135,14 @@ def _grid(err: FileErrors, doc: dict) -> list[dict[str, object]]:
         return []
     grid = doc["grid"]
     if grid is not None and not isinstance(grid, dict):
-        raise err(f"key 'grid' must be a mapping of parameter: [values, ...], got {grid!r}")
+        raise err(f"key 'grid' must be a mapping of parameter: [values, ...], got {quote(grid)}")
     if not grid:
         raise err("key 'grid' is empty; give it parameter: [values, ...] entries")
     err.unknown_keys(grid, TRAIN_KEYS, "grid")
     lists = {}
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise err(f"grid.{key} must be a non-empty list of values, got {values!r}")
+            raise err(f"grid.{key} must be a non-empty list of values, got {quote(values)}")
         lists[key] = [train_value(err, f"grid.{key}", key, v) for v in values]
     return [dict(zip(lists, combo, strict=True)) for combo in itertools.product(*lists.values())]
 
@@ -149,9 +165,13 @@ def _seeds(err: FileErrors, doc: dict, base: dict, combos: list[dict]) -> list[i
         raise err("key 'seeds' must be a non-empty list of integers")
     for s in seeds:
         if not isinstance(s, int) or isinstance(s, bool):
-            raise err(f"seeds must be integers, got {s!r}")
+            raise err(f"seeds must be integers, got {quote(s)}")
+        try:
+            check_range("seed", s, "seeds")
+        except PipelineError as exc:
+            raise err(str(exc)) from None
     if len(set(seeds)) != len(seeds):
-        raise err(f"seeds {seeds} repeat a value")
+        raise err(f"seeds {quote(seeds)} repeat a value")
     if "seed" in base or any("seed" in c for c in combos):
         raise err("key 'seed' is set in base, grid or runs and also by 'seeds'; use one")
     return seeds
@@ -169,6 +189,7 @@ def _trials(
     for values in settings:
         config = replace(TrainConfig(), **values)
         name = _trial_name(config, varying, seeds is not None)
+        _mlflow_length(err, "trial name", name, MAX_RUN_NAME)
         if name in names:
             raise err(f"trial {name!r} is listed twice (grid and runs give the same values)")
         names.add(name)
@@ -178,6 +199,13 @@ def _trials(
             raise err(f"trial {name!r}: {exc}") from None
         trials.append(Trial(name, config, values))
     return trials
+
+
+def _mlflow_length(err: FileErrors, what: str, text: str, limit: int) -> None:
+    try:
+        check_length(what, text, limit)
+    except PipelineError as exc:
+        raise err(str(exc)) from None
 
 
 def _varying_keys(settings: list[dict]) -> list[str]:

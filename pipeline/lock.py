@@ -1,4 +1,5 @@
-"""One retrain at a time per registered model, on this host: an exclusive `flock`.
+"""One retrain at a time per registered model, and one sweep at a time per sweep file, on
+this host: an exclusive `flock`, keyed on which tracking store is used.
 
 The kernel drops a `flock` when its holder exits, however it exits (SIGKILL and OOM kills
 included), so a lock left by a dead process never blocks the next run: the file stays, the
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline import store
 from pipeline.errors import PipelineError
 
 LOCK_DIR_ENV = "PIPELINE_LOCK_DIR"
@@ -39,28 +41,51 @@ def default_lock_dir() -> Path:
 
 
 def lock_path(lock_dir: Path, model_name: str, tracking_uri: str) -> Path:
-    """One file per (tracking store, model name): different stores never block each other."""
+    """One file per (tracking store, model name): different stores never block each other,
+    and one store is one lock however its URI is spelled (`store_key`)."""
     if not MODEL_NAME.match(model_name):
         raise PipelineError(
             f"invalid model name {model_name!r}; use letters, digits, '.', '_' and '-' "
             "(at most 100, starting with a letter or digit)"
         )
-    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:10]
-    return Path(lock_dir) / f"{model_name}-{store}.lock"
+    return Path(lock_dir) / f"{model_name}-{store_key(tracking_uri)}.lock"
+
+
+def sweep_lock_path(lock_dir: Path, experiment: str, file_digest: str, tracking_uri: str) -> Path:
+    """One file per (tracking store, experiment, sweep file content): one sweep of a file
+    runs at a time, and another file or store never waits for it."""
+    sweep = hashlib.sha256(f"{experiment}\0{file_digest}".encode()).hexdigest()[:12]
+    return Path(lock_dir) / "sweeps" / f"{sweep}-{store_key(tracking_uri)}.lock"
+
+
+def store_key(tracking_uri: str) -> str:
+    """A short digest of which store the URI names (`store.identity`: the resolved path of a
+    sqlite file, the host, port and path of a server), not of how it is spelled:
+    `sqlite:///mlflow.db` and `sqlite:////abs/path/mlflow.db` are one store, one lock."""
+    return hashlib.sha256(store.identity(tracking_uri).encode()).hexdigest()[:10]
 
 
 @contextlib.contextmanager
-def exclusive(path: Path) -> Iterator[Path]:
-    """Hold an exclusive lock on `path` or raise LockHeld at once (never waits)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def exclusive(path: Path, holder: str = "another retrain") -> Iterator[Path]:
+    """Hold an exclusive lock on `path` or raise LockHeld at once (never waits).
+
+    `holder` says who the other holder is in LockHeld's message. Raises PipelineError
+    naming the folder when the lock file cannot be created there.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot create the lock file {str(path)!r}: {exc.strerror or exc}; pass "
+            f"--lock-dir or set {LOCK_DIR_ENV} to a folder this user can write"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
             raise LockHeld(
-                f"another retrain holds the lock {str(path)!r} ({holder}); "
+                f"{holder} holds the lock {str(path)!r} ({_read_holder(fd)}); "
                 f"exiting with {EX_TEMPFAIL}, try again later"
             ) from None
         # Who holds it, for the message above; written only after the lock is ours.

@@ -2,11 +2,14 @@
 
 The loop knows nothing about MLflow. It hands logged steps to a `Tracker` in batches, so on
 a GPU the host waits for the device only once per `SYNC_EVERY` steps, not on every step.
+A loss that is not finite (NaN or inf) stops training with `Diverged`, found in those same
+transfers: no extra wait for the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +31,19 @@ class StepLog(NamedTuple):
     loss: float
     accuracy: float
     lr: float
+
+
+class Diverged(Exception):  # noqa: N818 - an outcome of training, not an error
+    """Training stopped: `key` (a loss) was `loss`, not a finite number, at global step `step`.
+
+    Raised by `train_epoch` once the rows up to and including that step have gone to the
+    tracker. Found among the logged steps only (every `log_every`-th), at most `SYNC_EVERY`
+    logged steps after it happened: the loop reads losses in batches (see the module doc).
+    """
+
+    def __init__(self, step: int, loss: float, key: str = "train/loss") -> None:
+        super().__init__(f"{key} is {loss} at step {step}")
+        self.step, self.loss, self.key = step, loss, key
 
 
 class Tracker(Protocol):
@@ -66,11 +82,19 @@ class TrainState:
 
 @dataclass
 class Evaluation:
+    """Mean loss and accuracy (fractions in [0, 1]) of a model on a split.
+
+    Accuracy is NaN when the loss is not finite (NaN or inf): the model's outputs are then
+    not numbers, and the classes their argmax picks say nothing about it.
+    """
+
     loss: float
     accuracy: float
     confusion: list[list[int]]  # confusion[true][predicted]
 
     def per_class_accuracy(self) -> list[float]:
+        if math.isnan(self.accuracy):
+            return [math.nan] * len(self.confusion)
         return [row[i] / max(sum(row), 1) for i, row in enumerate(self.confusion)]
 
 
@@ -90,7 +114,11 @@ def train_epoch(
     log_every: int = 1,
     amp: bool = False,
 ) -> None:
-    """One pass over (x, y) in a fresh shuffled order, batches sliced from device tensors."""
+    """One pass over (x, y) in a fresh shuffled order, batches sliced from device tensors.
+
+    Raises `Diverged` when a logged step's loss is NaN or infinite; the state is then
+    mid-epoch, its weights most likely not finite.
+    """
     model, optimizer = state.model, state.optimizer
     forward = state.forward or model
     model.train()
@@ -118,19 +146,27 @@ def train_epoch(
 
 
 def _report(state: TrainState, pending: list, tracker: Tracker) -> None:
-    """Move the pending losses to the host in one transfer and hand them to the tracker."""
+    """Move the pending losses to the host in one transfer and hand them to the tracker.
+
+    Rows go up to and including the first step whose loss is not finite, then `Diverged`
+    is raised: the steps after it would only log NaN. That step's accuracy is NaN, as the
+    argmax of logits that are not numbers means nothing.
+    """
     if not pending:
         return
     losses = torch.stack([p[3] for p in pending]).tolist()
     correct = _correct_per_step([p[4] for p in pending], [p[5] for p in pending]).tolist()
     lr = state.optimizer.param_groups[0]["lr"]
-    tracker.log_steps(
-        [
-            StepLog(state.epoch, i, step, t, loss, c / len(yb), lr)
-            for (i, step, t, _, _, yb), loss, c in zip(pending, losses, correct, strict=True)
-        ]
-    )
+    rows = []
+    for (i, step, t, _, _, yb), loss, c in zip(pending, losses, correct, strict=True):
+        finite = math.isfinite(loss)
+        rows.append(StepLog(state.epoch, i, step, t, loss, c / len(yb) if finite else math.nan, lr))
+        if not finite:
+            break
+    tracker.log_steps(rows)
     pending.clear()
+    if not math.isfinite(rows[-1].loss):
+        raise Diverged(rows[-1].step, rows[-1].loss)
 
 
 def _correct_per_step(logits: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
@@ -154,7 +190,10 @@ def evaluate(
     num_classes: int,
     batch_size: int = 1000,
 ) -> Evaluation:
-    """Mean loss, accuracy and confusion matrix over (x, y); fixed batches keep it repeatable."""
+    """Mean loss, accuracy and confusion matrix over (x, y); fixed batches keep it repeatable.
+
+    A loss that is not finite makes the accuracy NaN (see `Evaluation`).
+    """
     model.eval()
     total_loss = torch.zeros((), device=x.device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=x.device)
@@ -165,4 +204,7 @@ def evaluate(
         confusion += torch.bincount(yb * num_classes + logits.argmax(1), minlength=num_classes**2)
     matrix = confusion.view(num_classes, num_classes).tolist()
     correct = sum(matrix[i][i] for i in range(num_classes))
-    return Evaluation(total_loss.item() / len(x), correct / len(x), matrix)
+    loss = total_loss.item() / len(x)
+    if not math.isfinite(loss):
+        return Evaluation(loss, math.nan, matrix)
+    return Evaluation(loss, correct / len(x), matrix)

@@ -1,10 +1,13 @@
 """The comparison charts, drawn with matplotlib's file-only Agg backend; no MLflow here.
 
-Colour tells the optimizer and line style the loss, the same in every chart.
+Colour tells the optimizer and line style the loss, the same in every chart. Runs are told
+apart by id (names repeat); values that are not finite are never drawn as numbers: a run
+that diverged is labelled so, and never sets a bar's height or a chart's scale.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +28,16 @@ DIVERGED = 10.0  # a run whose (smoothed) loss ends this many times above its st
 class Series:
     """One run's curve (or single final value) with what it is labelled and coloured by."""
 
-    name: str
+    key: str  # the run id: run names repeat, ids do not
+    label: str  # the name shown in the legend
     optimizer: str
     loss: str
     points: list[tuple[int, float]]
+    diverged: bool = False  # training stopped at a loss that was not finite
+
+
+def _finite_points(s: Series) -> list[tuple[int, float]]:
+    return [p for p in s.points if math.isfinite(p[1])]
 
 
 def _ordered(names: set[str], known: tuple[str, ...]) -> list[str]:
@@ -59,21 +68,28 @@ def _smooth(values: list[float], window: int) -> list[float]:
 def loss_curves(series: list[Series], path: Path) -> None:
     """Every run's train/loss against the step, on one log-scale chart.
 
-    A run whose loss ends far above where it started diverged; it is labelled so, and the
+    A run that stopped at a loss that was not finite, or whose loss ends far above where it
+    started, diverged: it is labelled so (its last finite point marked with an x), and the
     y axis is scaled to the other runs, so one blow-up does not flatten every other curve.
     """
     colors, styles = _styles(series)
-    longest = max((len(s.points) for s in series), default=1)
+    finite = {s.key: _finite_points(s) for s in series}
+    longest = max((len(p) for p in finite.values()), default=1)
     window = max(1, longest // 15)
-    smoothed = {s.name: _smooth([p[1] for p in s.points], window) for s in series if s.points}
-    diverged = {n for n, v in smoothed.items() if not v[-1] < DIVERGED * v[0]}
+    smoothed = {k: _smooth([p[1] for p in pts], window) for k, pts in finite.items() if pts}
+    stopped = {s.key for s in series if s.diverged or len(finite[s.key]) < len(s.points)}
+    diverged = stopped | {k for k, v in smoothed.items() if not v[-1] < DIVERGED * v[0]}
     fig, ax = plt.subplots(figsize=(10, 6))
-    for s in (s for s in series if s.name in smoothed):
-        label = f"{s.name} (diverged)" if s.name in diverged else s.name
-        ax.plot([p[0] for p in s.points], smoothed[s.name], color=colors[s.optimizer],
-                linestyle=styles[s.loss], label=label)  # fmt: skip
+    for s in (s for s in series if s.key in smoothed):
+        label = f"{s.label} (diverged)" if s.key in diverged else s.label
+        xs = [p[0] for p in finite[s.key]]
+        ax.plot(xs, smoothed[s.key], color=colors[s.optimizer], linestyle=styles[s.loss],
+                label=label)  # fmt: skip
+        if s.key in stopped:
+            ax.plot(xs[-1], smoothed[s.key][-1], marker="x", markersize=9,
+                    color=colors[s.optimizer])  # fmt: skip
     ax.set_yscale("log")
-    kept = [v for n, values in smoothed.items() if n not in diverged for v in values if v > 0]
+    kept = [v for k, values in smoothed.items() if k not in diverged for v in values if v > 0]
     if diverged and kept:
         ax.set_ylim(min(kept) / 1.5, max(kept) * 3)
     smoothing = f", moving average of {window} logged steps" if window > 1 else ""
@@ -83,38 +99,54 @@ def loss_curves(series: list[Series], path: Path) -> None:
 
 
 def val_accuracy(series: list[Series], path: Path) -> None:
-    """Every run's val/accuracy after each epoch."""
+    """Every run's val/accuracy after each epoch (a run that diverged: its full epochs)."""
     colors, styles = _styles(series)
     fig, ax = plt.subplots(figsize=(10, 6))
     for s in series:
-        ax.plot([p[0] for p in s.points], [p[1] for p in s.points], marker="o",
-                color=colors[s.optimizer], linestyle=styles[s.loss], label=s.name)  # fmt: skip
+        points = _finite_points(s)
+        label = f"{s.label} (diverged)" if s.diverged else s.label
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                color=colors[s.optimizer], linestyle=styles[s.loss], label=label)  # fmt: skip
     epochs = sorted({p[0] for s in series for p in s.points})
     ax.set_xticks(epochs)
     ax.set(xlabel="epoch", ylabel="val/accuracy", title="Validation accuracy per epoch")
     _finish(fig, ax, path)
 
 
-def metric_bars(series: list[Series], metric: str, path: Path) -> None:
+def metric_bars(series: list[Series], metric: str, path: Path) -> dict[tuple[str, str], float]:
     """`metric` per optimizer (groups) and loss (bars: `Series.loss` may name more settings);
-    the mean, with min-max whiskers when several runs (seeds) share a bar."""
+    the mean, with min-max whiskers when several runs (seeds) share a bar.
+
+    Values that are not finite are left out of the mean and counted on the bar instead (a
+    bar of only such values is a label at 0). Returns the heights drawn, by (optimizer, loss).
+    """
     colors, _ = _styles(series)
     optimizers = _ordered({s.optimizer for s in series}, OPTIMIZERS)
     losses = _ordered({s.loss for s in series}, LOSSES)
     width = 0.8 / len(losses)
     fig, ax = plt.subplots(figsize=(max(8, 2 + 0.5 * len(optimizers) * len(losses)), 5.5))
     hatches = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
+    heights = {}
     for j, loss in enumerate(losses):
         for i, opt in enumerate(optimizers):
-            values = [s.points[-1][1] for s in series if (s.optimizer, s.loss) == (opt, loss)]
-            if not values:
+            group = [s for s in series if (s.optimizer, s.loss) == (opt, loss)]
+            if not group:
                 continue
-            mean = statistics.fmean(values)
             x = i + (j - (len(losses) - 1) / 2) * width
+            values = [s.points[-1][1] for s in group if math.isfinite(s.points[-1][1])]
+            # A run with no finite value has no height to add: it is counted, never averaged.
+            nan = [s for s in group if not math.isfinite(s.points[-1][1])]
+            bad, word = len(nan), "diverged" if all(s.diverged for s in nan) else "nan"
+            if not values:
+                ax.annotate(f"{bad} {word}", (x, 0), ha="center", va="bottom", fontsize=7,
+                            rotation=90, xytext=(0, 3), textcoords="offset points")  # fmt: skip
+                continue
+            mean = heights[opt, loss] = statistics.fmean(values)
             err = [[mean - min(values)], [max(values) - mean]] if len(values) > 1 else None
             ax.bar(x, mean, width, yerr=err, capsize=3, color=colors[opt], edgecolor="black",
                    hatch=hatches[j % len(hatches)])  # fmt: skip
-            ax.annotate(f"{mean:.3f}", (x, max(values)), ha="center", va="bottom", fontsize=7,
+            text = f"{mean:.3f}" + (f" (+{bad} {word})" if bad else "")
+            ax.annotate(text, (x, max(values)), ha="center", va="bottom", fontsize=7,
                         rotation=90, xytext=(0, 3), textcoords="offset points")  # fmt: skip
     ax.set_xticks(range(len(optimizers)), optimizers, rotation=30, ha="right")
     several = len({(s.optimizer, s.loss) for s in series}) < len(series)
@@ -127,6 +159,7 @@ def metric_bars(series: list[Series], metric: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return heights
 
 
 def _finish(fig, ax, path: Path) -> None:

@@ -23,7 +23,7 @@ import yaml
 from pipeline import configfile, registry, tracking
 from pipeline.config import PrepConfig, TrainConfig
 from pipeline.data import load_prepared, to_model_input
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import PipelineError, first_line, quote
 from pipeline.lock import default_lock_dir, exclusive, lock_path
 from pipeline.loop import Evaluation, evaluate
 from pipeline.losses import build_loss
@@ -105,15 +105,16 @@ def validate(cfg: RetrainConfig, source: str = "retrain config") -> None:
 
     if not MODEL_NAME.match(cfg.model_name):
         raise PipelineError(
-            f"{source}: invalid model_name {cfg.model_name!r}; use letters, digits, '.', '_', '-'"
+            f"{source}: invalid model_name {quote(cfg.model_name)}; use 1 to 100 letters, "
+            "digits, '.', '_', '-'"
         )
     if cfg.metric not in METRICS:
         raise PipelineError(
-            f"{source}: unknown metric {cfg.metric!r}; valid choices: {', '.join(METRICS)}"
+            f"{source}: unknown metric {quote(cfg.metric)}; valid choices: {', '.join(METRICS)}"
         )
     if cfg.direction != METRICS[cfg.metric]:
         raise PipelineError(
-            f"{source}: direction {cfg.direction!r} does not fit metric {cfg.metric!r}; "
+            f"{source}: direction {quote(cfg.direction)} does not fit metric {cfg.metric!r}; "
             f"valid choice: {METRICS[cfg.metric]}"
         )
     if not (cfg.min_delta >= 0 and math.isfinite(cfg.min_delta)):
@@ -132,18 +133,43 @@ def validate(cfg: RetrainConfig, source: str = "retrain config") -> None:
 
 
 def decide(cfg: RetrainConfig, challenger: float, champion: float | None, version: str) -> Decision:
-    """Promote when there is no champion, or the challenger beats it by at least min_delta."""
+    """Promote when there is no champion, or the challenger beats it by at least min_delta.
+
+    A score that is not finite (NaN, inf: a model whose outputs are not numbers) is the
+    worst there is: such a challenger is never promoted, not even as the first version,
+    and such a champion never keeps out a challenger with a finite score.
+    """
+    metric = cfg.metric
+    if not math.isfinite(challenger):
+        against = "no champion yet" if champion is None else f"champion v{version} kept"
+        return Decision(False, f"challenger {metric}={challenger} is not a finite number: "
+                               f"not promoted, {against}")  # fmt: skip
     if champion is None:
-        return Decision(True, f"no champion yet: first version promoted ({cfg.metric}="
+        return Decision(True, f"no champion yet: first version promoted ({metric}="
                               f"{challenger:.4f})")  # fmt: skip
+    if not math.isfinite(champion):
+        return Decision(True, f"champion v{version} {metric}={champion} is not a finite number "
+                              f"on the current test split: challenger ({metric}="
+                              f"{challenger:.4f}) promoted")  # fmt: skip
     gain = _gain(cfg, challenger, champion)
     compare = (
-        f"challenger {cfg.metric}={challenger:.4f} vs champion v{version} {cfg.metric}="
+        f"challenger {metric}={challenger:.4f} vs champion v{version} {metric}="
         f"{champion:.4f} (improvement {gain:+.4f}, min_delta {cfg.min_delta:g})"
     )
-    if gain >= cfg.min_delta - 1e-12:  # NaN compares False: a NaN challenger is kept out
+    if gain >= cfg.min_delta - 1e-12:
         return Decision(True, f"{compare}: better, promoted")
     return Decision(False, f"{compare}: not better by min_delta, champion kept")
+
+
+def _keep_diverged(cfg: RetrainConfig, trained, before, run_id: str, digest: str):
+    """A challenger that diverged has no model: nothing to score or register, champion kept."""
+    champion = "no champion yet" if before is None else f"champion v{before.version} kept"
+    decision = Decision(False, f"challenger diverged at step {trained.diverged_at} (train run "
+                               f"{trained.run_id}): no model to register, {champion}")  # fmt: skip
+    tracking.set_tags({"retrain.decision": decision.word, "retrain.reason": decision.reason,
+                       "retrain.champion_after": _v(before)})  # fmt: skip
+    print(f"retrain: {decision.word} {cfg.model_name} (no new version): {decision.reason}")
+    return RetrainResult(run_id, "none", decision.word, decision.reason, math.nan, None, digest)
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -161,6 +187,7 @@ def retrain(
     fail_after = _fail_after()
     lock = lock_path(Path(lock_dir or default_lock_dir()), cfg.model_name, tracking.tracking_uri())
     with exclusive(lock):
+        tracking.open_store()  # before the registry's first call: creating a store is serialised
         settle_crashed(cfg.model_name)
         return _retrain_locked(cfg, params_from, fail_after)
 
@@ -194,6 +221,8 @@ def _retrain_locked(cfg: RetrainConfig, params_from: str, fail_after: str | None
         _checkpoint("prep", fail_after)
         trained = _train(train_cfg, prepared.run_id, parent.experiment_id)
         _checkpoint("train", fail_after)
+        if trained.diverged_at is not None:
+            return _keep_diverged(cfg, trained, before, parent.run_id, prepared.digest)
         if not trained.model_uri:  # kept in the spool: the registry needs it on the server
             raise PipelineError(
                 f"the challenger (run {trained.run_id}) could not be logged to the tracking "
@@ -398,5 +427,6 @@ def _settled_promote(v: registry.Version) -> dict[str, str]:
 
 def history(name: str) -> tuple[registry.Version | None, list[registry.Version]]:
     """(current champion, every version that went through a retrain decision, oldest first)."""
+    tracking.open_store()
     registry.require_model(name)
     return registry.champion(name), [v for v in registry.versions(name) if v.decision]

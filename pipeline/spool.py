@@ -47,8 +47,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
+from pipeline import store
 from pipeline.errors import PipelineError
 
 SPOOL_DIR_ENV = "PIPELINE_SPOOL_DIR"
@@ -148,24 +148,15 @@ def spool_root() -> Path:
     return Path(cache) / "pipeline" / "spool"
 
 
-def redact(uri: str) -> str:
-    """The URI without a user name or password, fit to print and to store."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def is_server(uri: str) -> bool:
     """Only a tracking server can be unreachable; a local store fails as a disk does."""
     return uri.startswith(("http://", "https://"))
 
 
 def store_folder(uri: str) -> Path:
-    """The spool folder of one tracking store: its redacted URI's digest."""
-    return spool_root() / hashlib.sha256(redact(uri).encode()).hexdigest()[:12]
+    """The spool folder of one tracking store: the digest of what the store is, however the
+    URI spells it and without its credentials (`store.identity`)."""
+    return spool_root() / hashlib.sha256(store.identity(uri).encode()).hexdigest()[:12]
 
 
 def _private_dir(path: Path) -> Path:
@@ -234,7 +225,7 @@ class RunSpool:
             _private_dir(self.folder)
             meta = {
                 "run_id": self.run_id,
-                "store": redact(self.uri),
+                "store": store.redact(self.uri),
                 "since": _now_iso(),
                 "owner": self.owner,
                 "owner_started": _started(self.owner),
@@ -825,7 +816,7 @@ def drain(spool: RunSpool, deadline: float) -> bool:
 
 def kept_line(spool: RunSpool, reason: str) -> str:
     return (
-        f"Warning: tracking server {redact(spool.uri)} unreachable ({reason}): run "
+        f"Warning: tracking server {store.redact(spool.uri)} unreachable ({reason}): run "
         f"{spool.run_id} not fully written; kept {spool.summary()} in {spool.folder}; "
         "`pipeline sync` writes them once the server is back"
     )
@@ -980,7 +971,7 @@ def sync(uri: str, *, quiet: bool = False) -> tuple[list[str], int]:
                     f"sync: run {spool.run_id} ({spool.folder}): {_describe(exc)}"
                 ) from exc
             raise PipelineError(
-                f"tracking server {redact(uri)} unreachable ({reason}); "
+                f"tracking server {store.redact(uri)} unreachable ({reason}); "
                 f"{len(kept_runs(uri))} run(s) still kept in {store_folder(uri)}"
             ) from None
         spool.remove()
@@ -1029,11 +1020,11 @@ def disk_full(exc: BaseException, uri: str | None = None) -> str | None:
 
 def explain(exc: BaseException) -> str | None:
     """A one-line message for a full disk or an unreachable tracking server, else None."""
-    uri = _uri() if "mlflow" in sys.modules else os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = _uri() if "mlflow" in sys.modules else store.uri()
     if (full := disk_full(exc, uri)) is not None:
         return full
     if "requests" in sys.modules and (reason := unreachable(exc)) is not None:
-        return f"tracking server {redact(uri)} unreachable ({reason})"
+        return f"tracking server {store.redact(uri)} unreachable ({reason})"
     return None
 
 

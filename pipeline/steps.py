@@ -5,6 +5,7 @@ Each validates its input before a run exists, so bad input never leaves a run be
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -12,7 +13,16 @@ from pathlib import Path
 import torch
 
 from pipeline import tracking
-from pipeline.config import DATASETS, LOSSES, MODELS, PrepConfig, TrainConfig
+from pipeline.config import (
+    CHOICES,
+    DATASETS,
+    MAX_PARAM_VALUE,
+    RANGES,
+    PrepConfig,
+    TrainConfig,
+    check_length,
+    check_range,
+)
 from pipeline.console import ConsoleReporter, Fanout
 from pipeline.data import (
     class_counts,
@@ -24,8 +34,8 @@ from pipeline.data import (
     to_model_input,
 )
 from pipeline.device import device_name, resolve_device
-from pipeline.errors import PipelineError
-from pipeline.loop import TrainState, evaluate, train_epoch
+from pipeline.errors import PATH_MAX, PipelineError, first_line, quote
+from pipeline.loop import Diverged, Evaluation, TrainState, evaluate, train_epoch
 from pipeline.losses import build_loss
 from pipeline.models import build_model, count_parameters, training_forward
 from pipeline.optimizers import build_optimizer, resolve_hparams
@@ -39,13 +49,20 @@ class PrepResult:
     reused: bool = False
 
 
+DIVERGED_TAG = "pipeline.diverged"  # "true" or "false" on every train run that ends FINISHED
+DIVERGED_STEP_TAG = "pipeline.diverged_at_step"  # the global step whose loss was not finite
+
+
 @dataclass(frozen=True)
 class TrainResult:
+    """A FINISHED train run; when it diverged, test metrics are NaN and there is no model."""
+
     run_id: str
     test_loss: float
     test_accuracy: float
-    model_uri: str  # "" while the model is kept for an unreachable server (pipeline.spool)
+    model_uri: str | None  # None: diverged, no model; "": kept for an unreachable server
     model: torch.nn.Module  # the trained network, on the CPU
+    diverged_at: int | None = None  # global step of the first loss that was not finite
 
 
 def run_prep(cfg: PrepConfig, *, nested: bool = False, experiment_id: str | None = None):
@@ -70,38 +87,62 @@ def validate_prep(cfg: PrepConfig) -> None:
     """Check the choice and ranges of `cfg`; each message starts with the field it names."""
     if cfg.dataset not in DATASETS:
         raise PipelineError(
-            f"dataset {cfg.dataset!r} is invalid; valid choices: {', '.join(DATASETS)}"
+            f"dataset {quote(cfg.dataset)} is invalid; valid choices: {', '.join(DATASETS)}"
         )
-    for name in ("val_fraction", "test_fraction"):
-        if not 0 < getattr(cfg, name) < 1:
-            raise PipelineError(
-                f"{name} must be between 0 and 1 (exclusive), got {getattr(cfg, name)}"
-            )
+    for name in ("val_fraction", "test_fraction", "split_seed"):
+        check_range(name, getattr(cfg, name))
+    if not isinstance(cfg.data_dir, str):
+        raise PipelineError(f"data_dir must be a string, got {quote(cfg.data_dir)}")
+    # data_prep logs the prepared file's absolute path as a param
+    check_length("data_dir", str(prepared_path(cfg).absolute()), MAX_PARAM_VALUE)
 
 
 def validate_train(cfg: TrainConfig) -> tuple[float, float | None]:
-    """Check every choice and range of `cfg`; returns the resolved (lr, momentum)."""
-    if cfg.model not in MODELS:
-        raise PipelineError(f"unknown model {cfg.model!r}; valid choices: {', '.join(MODELS)}")
-    if cfg.loss not in LOSSES:
-        raise PipelineError(f"unknown loss {cfg.loss!r}; valid choices: {', '.join(LOSSES)}")
-    for name in ("epochs", "batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise PipelineError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    """Check every choice and range of `cfg`; returns the resolved (lr, momentum).
+
+    Ranges are config.RANGES's, so a value the CLI refuses is refused here too (the Python
+    API, experiment files, retrain.yaml, a champion's params).
+    """
+    for name in ("model", "loss", "device"):  # the optimizer: resolve_hparams below
+        if getattr(cfg, name) not in CHOICES[name]:
+            raise PipelineError(f"unknown {name} {quote(getattr(cfg, name))}; valid choices: "
+                                f"{', '.join(CHOICES[name])}")  # fmt: skip
+    for name in RANGES:
+        if hasattr(cfg, name):
+            check_range(name, getattr(cfg, name))
+    if not isinstance(cfg.data, str):
+        raise PipelineError(f"data must be a string, got {quote(cfg.data)}")
+    check_length("data", cfg.data, MAX_PARAM_VALUE)
     build_loss(cfg.loss, cfg.label_smoothing)
     resolve_device(cfg.device)
-    return resolve_hparams(cfg.optimizer, cfg.lr, cfg.momentum)
+    lr, momentum = resolve_hparams(cfg.optimizer, cfg.lr, cfg.momentum)
+    if cfg.optimizer == "nesterov" and momentum == 0:
+        raise PipelineError(
+            "optimizer 'nesterov' needs momentum > 0, got 0.0; use optimizer 'sgd' for none"
+        )
+    return lr, momentum
 
 
 def resolve_data(ref: str) -> tuple[Path, str]:
-    """(path, sha256) for `ref`: a prepared file, or the id of a data_prep run."""
+    """(path, sha256) for `ref`: a prepared file, or the id of a data_prep run.
+
+    Only the reference is resolved here; `load_prepared(path, digest)` then checks that the
+    content it loads is the content with this digest.
+    """
     if not ref:
         raise PipelineError("no data given; pass --data FILE or --data DATA_PREP_RUN_ID")
-    path = Path(ref)
-    if path.is_file():
+    path, shown = Path(ref), quote(ref, PATH_MAX)
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError as exc:  # e.g. a name over the file system's 255 bytes
+        raise PipelineError(f"data {shown} is not a usable path ({first_line(exc)})") from None
+    if is_file:
         return path.resolve(), file_digest(path)
+    if exists:
+        raise PipelineError(f"data {shown} is not a file; pass a file written by `pipeline prep` "
+                            "or a data_prep run id")  # fmt: skip
     if path.suffix or "/" in ref:
-        raise PipelineError(f"data file {ref!r} does not exist; run `pipeline prep` first")
+        raise PipelineError(f"data file {shown} does not exist; run `pipeline prep` first")
     return tracking.prepared_file_of(ref)
 
 
@@ -122,7 +163,7 @@ def run_train(
     device = resolve_device(cfg.device)
     store = tracking.open_store_in_background()
     path, digest = resolve_data(cfg.data)
-    data = load_prepared(path)
+    data = load_prepared(path, digest)
     # Whole splits go to the device once; batches are then slices, never host copies.
     x = {s: to_model_input(split.images, device) for s, split in data.splits.items()}
     y = {s: split.labels.to(device) for s, split in data.splits.items()}
@@ -145,7 +186,9 @@ def run_train(
     store.join()
 
     params = _requested(cfg) | {
-        "data": str(path),
+        # As given (what `mlflow run -P data=...` logs too) and as resolved.
+        "data": cfg.data,
+        "data_path": str(path),
         "effective_lr": lr,
         "effective_momentum": momentum,
         "data_digest": digest,
@@ -174,25 +217,41 @@ def run_train(
         console = ConsoleReporter(cfg.epochs * steps_per_epoch, cfg.print_every)
         tracker = Fanout([run.tracker, console])
         t_loop = time.perf_counter()
-        for _ in range(cfg.epochs):
-            train_epoch(
-                state,
-                x["train"],
-                y["train"],
-                loss_fn,
-                tracker,
-                cfg.batch_size,
-                cfg.log_every,
-                cfg.amp,
-            )
-            val = evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
-            tracker.log_metrics({"val/loss": val.loss, "val/accuracy": val.accuracy}, state.epoch)
+        diverged = None
+        try:
+            for _ in range(cfg.epochs):
+                train_epoch(
+                    state,
+                    x["train"],
+                    y["train"],
+                    loss_fn,
+                    tracker,
+                    cfg.batch_size,
+                    cfg.log_every,
+                    cfg.amp,
+                )
+                val = evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
+                tracker.log_metrics(
+                    {"val/loss": val.loss, "val/accuracy": val.accuracy}, state.epoch
+                )
+                if not math.isfinite(val.loss):  # logged train steps can miss it (log_every)
+                    raise Diverged(state.step, val.loss, "val/loss")
+        except Diverged as exc:  # an outcome, not a failure: the run ends FINISHED
+            diverged = exc
         loop_seconds = time.perf_counter() - t_loop
         console.close()
-        test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
-        tracking.log_evaluation("test", test, data.classes, step=state.step)
-        example = to_model_input(data.splits["test"].images[:2]).numpy()
-        info = tracking.log_model(model.cpu(), example)
+        info = None
+        if diverged is None:
+            test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
+            tracking.log_evaluation("test", test, data.classes, step=state.step)
+            example = to_model_input(data.splits["test"].images[:2]).numpy()
+            info = tracking.log_model(model.cpu(), example)
+            tracking.set_tags({DIVERGED_TAG: "false"})
+        else:
+            test = _diverged(diverged)
+            model.cpu()
+        samples = _samples_trained(state.epoch, state.step, steps_per_epoch, len(y["train"]),
+                                   cfg.batch_size)  # fmt: skip
         tracking.log_metrics(
             {
                 "time/startup_seconds": _process_age() - (time.perf_counter() - t0),
@@ -200,15 +259,39 @@ def run_train(
                 "time/setup_seconds": t_loop - t0,
                 "time/loop_seconds": loop_seconds,
                 "time/model_log_seconds": time.perf_counter() - t_loop - loop_seconds,
-                "time/samples_per_second": cfg.epochs * len(y["train"]) / loop_seconds,
+                "time/samples_per_second": samples / loop_seconds,
             }
         )
-    model_uri = info.model_uri  # "" while kept: see spool.KeptModel
-    print(
-        f"train: test/loss={test.loss:.4f} test/accuracy={test.accuracy:.4f} "
-        f"run_id={run.run_id} model={model_uri or '(kept for pipeline sync)'}"
-    )
-    return TrainResult(run.run_id, test.loss, test.accuracy, model_uri, model)
+    model_uri = info.model_uri if info is not None else None  # "" while kept: spool.KeptModel
+    if diverged is None:
+        print(
+            f"train: test/loss={test.loss:.4f} test/accuracy={test.accuracy:.4f} "
+            f"run_id={run.run_id} model={model_uri or '(kept for pipeline sync)'}"
+        )
+    else:
+        print(
+            f"train: diverged at step {diverged.step} ({diverged.key}={diverged.loss}) in epoch "
+            f"{state.epoch} of {cfg.epochs}: stopped, no model logged; run_id={run.run_id}"
+        )
+    at = diverged.step if diverged is not None else None
+    return TrainResult(run.run_id, test.loss, test.accuracy, model_uri, model, at)
+
+
+def _diverged(exc: Diverged) -> Evaluation:
+    """Record a diverged run: tags, and NaN test metrics at the step it diverged.
+
+    The test split is not evaluated: weights that produced a loss that is not finite are not
+    a model, and the accuracy of their argmax would be a number that means nothing.
+    """
+    tracking.set_tags({DIVERGED_TAG: "true", DIVERGED_STEP_TAG: str(exc.step)})
+    tracking.log_metrics({"test/loss": math.nan, "test/accuracy": math.nan}, step=exc.step)
+    return Evaluation(math.nan, math.nan, [])
+
+
+def _samples_trained(epoch: int, step: int, steps_per_epoch: int, size: int, batch: int) -> int:
+    """Training samples the loop went through: every epoch, the last one maybe in part."""
+    in_last = step - (epoch - 1) * steps_per_epoch
+    return (epoch - 1) * size + min(in_last * batch, size)
 
 
 def _process_age() -> float:
@@ -234,17 +317,24 @@ def requested_params(cfg: TrainConfig) -> dict[str, str]:
 def prep_or_reuse(prep: PrepConfig, experiment_id: str) -> PrepResult:
     """A FINISHED data_prep run with these params whose file is still there, else a new one
     as a child of the active run."""
-    found = tracking.find_prep_run(experiment_id, prep.params())
-    if found is not None and Path(found.data.params["data_path"]).is_file():
-        prepared = PrepResult(
-            found.info.run_id,
-            Path(found.data.params["data_path"]),
-            found.data.params["data_digest"],
-            reused=True,
-        )
+    prepared = reusable_prep(prep, experiment_id)
+    if prepared is not None:
         print(f"data_prep: reusing run {prepared.run_id} ({prepared.path})")
         return prepared
     return run_prep(prep, nested=True, experiment_id=experiment_id)
+
+
+def reusable_prep(prep: PrepConfig, experiment_id: str) -> PrepResult | None:
+    """The newest FINISHED data_prep run of this code version with these params (compared
+    as `tracking.canonical` values: `mlflow run` stores some quoted) whose prepared file is
+    still there, or None."""
+    found = tracking.find_prep_run(experiment_id, prep.params())
+    if found is None or not Path(found.data.params["data_path"]).is_file():
+        return None
+    params = found.data.params
+    return PrepResult(
+        found.info.run_id, Path(params["data_path"]), params["data_digest"], reused=True
+    )
 
 
 def run_main(prep: PrepConfig, train: TrainConfig) -> TrainResult:

@@ -2,8 +2,10 @@
 
 The experiment is created up front, data_prep runs once (or is reused) and is shared, trials
 that already finished with the same params, data and code are skipped, a failed trial is
-recorded FAILED and the sweep goes on. Trials run in this process, or with `parallel` > 1 in
-that many `pipeline trial` child processes, each nesting its run under the parent by id.
+recorded FAILED and the sweep goes on; a trial that diverged is an outcome like any other
+(its run FINISHED, tagged diverged), ranked last by the comparison. Trials run in this
+process, or with `parallel` > 1 in that many `pipeline trial` child processes, each nesting
+its run under the parent by id.
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pipeline
-from pipeline import signals, tracking
+from pipeline import signals, store, tracking
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError, first_line
 from pipeline.experiments import Experiment, Trial, load_experiment
-from pipeline.steps import PrepResult, prep_or_reuse, requested_params, run_train
+from pipeline.lock import default_lock_dir, exclusive, sweep_lock_path
+from pipeline.steps import PrepResult, prep_or_reuse, requested_params, reusable_prep, run_train
 
 POLL_SECONDS = 0.2
 
 
 @dataclass
 class Outcome:
-    """What became of one trial: ran, skipped (already finished) or failed."""
+    """What became of one trial: ran, diverged (stopped at a loss that was not finite),
+    skipped (already finished) or failed."""
 
     trial: Trial
     status: str
@@ -40,7 +44,13 @@ class Outcome:
 
 
 def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> list[Outcome]:
-    """Run the experiment file at `path`; raises PipelineError naming any failed trials."""
+    """Run the experiment file at `path`; raises PipelineError naming any failed trials.
+
+    One sweep of a file runs at a time per store and host: while one runs, another raises
+    `LockHeld` (the CLI exits 75) instead of resuming it. When the newest sweep of the file
+    finished and every trial is still finished, it returns them all skipped and creates no
+    run ("nothing to do").
+    """
     if parallel < 1:
         raise PipelineError(f"--parallel must be >= 1, got {parallel}")
     exp = load_experiment(path)
@@ -49,8 +59,18 @@ def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> lis
         return []
     if run_id := os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run is the parent
         _check_mlflow_run_experiment(exp, run_id)
-    experiment_id = tracking.ensure_experiment(exp.name)
-    resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
+    lock = sweep_lock_path(default_lock_dir(), exp.name, exp.digest, tracking.tracking_uri())
+    with exclusive(lock, f"another sweep of {exp.path.name} (experiment {exp.name!r})"):
+        experiment_id = tracking.ensure_experiment(exp.name)
+        if not run_id and (done := _all_done(exp, experiment_id)) is not None:
+            return done
+        resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
+        return _sweep(exp, experiment_id, resume, parallel)
+
+
+def _sweep(exp: Experiment, experiment_id: str, resume: str | None, parallel: int):
+    """The parent run, data_prep, the trials, the comparison: what `run_sweep` does once it
+    holds the sweep's lock."""
     with tracking.start_run(
         "sweep", f"sweep-{exp.path.stem}", experiment_id=experiment_id, run_id=resume
     ) as parent:
@@ -69,6 +89,26 @@ def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> lis
     return outcomes
 
 
+def _all_done(exp: Experiment, experiment_id: str) -> list[Outcome] | None:
+    """Every trial skipped, if the newest sweep of this file finished and nothing changed
+    since (same data_prep run, every trial finished), so that running it again creates no
+    new, empty parent run; else None."""
+    last = tracking.find_sweep(experiment_id, exp.digest)
+    if last is None or last.info.status != "FINISHED":
+        return None
+    prepared = reusable_prep(exp.prep, experiment_id)
+    if prepared is None:
+        return None
+    outcomes = _skipped(exp.trials, prepared, experiment_id)
+    if len(outcomes) < len(exp.trials):
+        return None
+    print(
+        f"sweep {exp.name!r}: all {len(outcomes)} trials already finished (parent run "
+        f"{last.info.run_id}); nothing to do"
+    )
+    return [outcomes[t.name] for t in exp.trials]
+
+
 def print_plan(exp: Experiment) -> None:
     """The trials a sweep would run, one per line, with what the file sets for each."""
     print(f"experiment {exp.name!r}: {len(exp.trials)} trials, ranked by {exp.metric} "
@@ -80,7 +120,10 @@ def print_plan(exp: Experiment) -> None:
 
 def _check_mlflow_run_experiment(exp: Experiment, run_id: str) -> None:
     """`mlflow run` made the parent run already; its experiment must be the file's."""
-    name = tracking.experiment_name(tracking.get_run(run_id).info.experiment_id)
+    run = tracking.find_run(run_id)
+    if run is None:  # not in this store: `tracking.start_run` says what to do
+        return
+    name = tracking.experiment_name(run.info.experiment_id)
     if name != exp.name:
         raise PipelineError(
             f"{exp.path} names experiment {exp.name!r} but `mlflow run` logs to {name!r}; "
@@ -94,10 +137,12 @@ def _start_parent(exp: Experiment, experiment_id: str, parallel: int, resume: st
         print(f"sweep: resuming run {resume}")
     tags = {tracking.SWEEP_FILE_TAG: exp.digest}
     tracking.set_tags(tags | ({"mlflow.note.content": exp.description} if exp.description else {}))
-    tracking.log_params(
-        {"experiment_file": exp.path.name, "n_trials": len(exp.trials), "metric": exp.metric,
-         "direction": exp.direction, "parallel": parallel, **exp.prep.params()}
-    )  # fmt: skip
+    params = {"experiment_file": exp.path.name, "n_trials": len(exp.trials),
+              "metric": exp.metric, "direction": exp.direction, "parallel": parallel,
+              **exp.prep.params()}  # fmt: skip
+    if resume:  # how it runs and where the file lies may change; what it runs may not
+        params = {k: v for k, v in params.items() if k not in ("parallel", "experiment_file")}
+    tracking.log_params(params)
     tracking.log_artifact(exp.path, "experiment")
 
 
@@ -106,13 +151,7 @@ def _run_trials(
 ) -> list[Outcome]:
     """Skip the finished trials, run the rest, and return an outcome per trial in file order."""
     trials = [replace(t, config=replace(t.config, data=str(prepared.path))) for t in exp.trials]
-    done = tracking.finished_runs(experiment_id, "train")
-    outcomes: dict[str, Outcome] = {}
-    for trial in trials:
-        wanted = requested_params(trial.config) | {"data_digest": prepared.digest}
-        found = next((r for r in done if _matches(r.data.params, wanted)), None)
-        if found is not None:
-            outcomes[trial.name] = Outcome(trial, "skipped", found.info.run_id)
+    outcomes = _skipped(trials, prepared, experiment_id)
     pending = [t for t in trials if t.name not in outcomes]
     print(
         f"sweep {exp.name!r}: {len(trials)} trials, {len(outcomes)} already finished, "
@@ -126,9 +165,16 @@ def _run_trials(
     return [outcomes[t.name] for t in trials]
 
 
-def _matches(params: dict[str, str], wanted: dict[str, str]) -> bool:
-    """MLflow keeps params as strings, so compare them as strings."""
-    return all(params.get(k) == v for k, v in wanted.items())
+def _skipped(trials: list[Trial], prepared: PrepResult, experiment_id: str) -> dict[str, Outcome]:
+    """The trials that already finished with the same params, data and code, by name."""
+    done = tracking.finished_runs(experiment_id, "train")
+    outcomes: dict[str, Outcome] = {}
+    for trial in trials:
+        wanted = requested_params(trial.config) | {"data_digest": prepared.digest}
+        found = next((r for r in done if tracking.params_match(r.data.params, wanted)), None)
+        if found is not None:
+            outcomes[trial.name] = Outcome(trial, "skipped", found.info.run_id)
+    return outcomes
 
 
 def _run_here(trials: list[Trial], experiment_id: str) -> list[Outcome]:
@@ -141,13 +187,20 @@ def _run_here(trials: list[Trial], experiment_id: str) -> list[Outcome]:
                 trial.config, nested=True, experiment_id=experiment_id, run_name=trial.name
             )
         except Exception as exc:  # any failure of one trial; KeyboardInterrupt stops the sweep
-            traceback.print_exc()
-            reason = first_line(exc, with_type=True)[:200]
+            sys.stderr.write(store.redact(traceback.format_exc()))
+            reason = store.redact(first_line(exc, with_type=True))[:200]
             outcomes.append(Outcome(trial, "failed", message=reason))
             print(f"[{i}/{len(trials)}] {trial.name} FAILED: {reason}", file=sys.stderr)
             continue
-        outcomes.append(Outcome(trial, "ran", result.run_id))
+        if result.diverged_at is not None:
+            outcomes.append(Outcome(trial, "diverged", result.run_id, _at(result.diverged_at)))
+        else:
+            outcomes.append(Outcome(trial, "ran", result.run_id))
     return outcomes
+
+
+def _at(step: int | str) -> str:
+    return f"at step {step}"
 
 
 def _run_in_processes(
@@ -209,6 +262,8 @@ def _collect(trial: Trial, returncode: int, log: Path) -> Outcome:
     """The outcome of a finished trial process, read from its exit status and log."""
     text = log.read_text(errors="replace")
     if returncode == 0 and (m := re.search(r"^train: .* run_id=(\w+)", text, re.M)):
+        if d := re.search(r"^train: diverged at step (\d+)", text, re.M):
+            return Outcome(trial, "diverged", m.group(1), _at(d.group(1)))
         return Outcome(trial, "ran", m.group(1))
     lines = [ln for ln in text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("Error:")]
@@ -221,6 +276,8 @@ def _collect(trial: Trial, returncode: int, log: Path) -> Outcome:
 def _describe(outcome: Outcome) -> str:
     if outcome.status == "failed":
         return f"FAILED: {outcome.message}"
+    if outcome.status == "diverged":
+        return f"diverged {outcome.message} run_id={outcome.run_id}"
     return f"{outcome.status} run_id={outcome.run_id}"
 
 
@@ -236,10 +293,16 @@ def run_trial_spec(spec: str) -> None:
 
 
 def _finish(exp: Experiment, outcomes: list[Outcome], parent_id: str) -> None:
-    """Print the summary; raise (so the parent ends FAILED) if any trial failed."""
-    count = {s: sum(o.status == s for o in outcomes) for s in ("ran", "skipped", "failed")}
-    print(f"sweep {exp.name!r} done: {count['ran']} ran, {count['skipped']} skipped "
-          f"(already finished), {count['failed']} failed; parent run {parent_id}")  # fmt: skip
+    """Print the summary; raise (so the parent ends FAILED) if any trial failed.
+
+    A diverged trial is not a failure: its loss went to NaN or inf for the params it was
+    given, which is what an lr sweep is there to find out.
+    """
+    statuses = ("ran", "diverged", "skipped", "failed")
+    count = {s: sum(o.status == s for o in outcomes) for s in statuses}
+    print(f"sweep {exp.name!r} done: {count['ran']} ran, {count['diverged']} diverged, "
+          f"{count['skipped']} skipped (already finished), {count['failed']} failed; "
+          f"parent run {parent_id}")  # fmt: skip
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         names = "; ".join(f"{o.trial.name} ({o.message})" for o in failed)

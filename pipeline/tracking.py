@@ -12,12 +12,16 @@ needs MLflow.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
 import queue
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,8 +37,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 import pipeline
-from pipeline import signals, spool
-from pipeline.errors import PipelineError
+from pipeline import signals, spool, store
+from pipeline.errors import PipelineError, first_line
 
 if TYPE_CHECKING:
     from pipeline.loop import StepLog
@@ -57,9 +61,12 @@ def code_version() -> str:
 
 
 def version_tags() -> dict[str, str]:
+    """Versions, code digest and environment (pipeline.environment.tags) of a new run."""
     import importlib.metadata
 
     import torch
+
+    from pipeline import environment
 
     return {
         "torch_version": torch.__version__,
@@ -68,6 +75,7 @@ def version_tags() -> dict[str, str]:
         "mlflow_version": mlflow.__version__,
         "python_version": platform.python_version(),
         CODE_VERSION_TAG: code_version(),
+        **environment.tags(),
     }
 
 
@@ -293,16 +301,92 @@ def open_store_in_background() -> threading.Thread:
 
     A fresh sqlite store runs MLflow's schema migrations, seconds of mostly disk waits:
     on a thread they overlap the data loading and imports the run does anyway. Errors are
-    left for `start_run` to raise where they always did.
+    left for `start_run`, which opens the store again and raises them.
     """
 
-    def open_store() -> None:
+    def open_in_background() -> None:
         with contextlib.suppress(Exception):
-            MlflowClient()
+            open_store()
 
-    thread = threading.Thread(target=open_store, name="mlflow-store", daemon=True)
+    thread = threading.Thread(target=open_in_background, name="mlflow-store", daemon=True)
     thread.start()
     return thread
+
+
+_opened: set[str] = set()  # tracking URIs this process has opened a store for
+_opening = threading.Lock()
+
+
+def open_store() -> None:
+    """Open (and, where it is new, create) the tracking store, once per process and URI.
+
+    MLflow creates a sqlite store by running its schema migrations on first open, and
+    several processes doing that at once crash each other (`duplicate column name`, `table
+    ... already exists`, `_alembic_tmp_*` tables left behind). So the first open of a sqlite
+    store in each process holds an exclusive `flock` on the store's folder: the first
+    process creates it, the others wait, then find it complete. MLflow caches the opened
+    store per URI, so every later MLflow call of this process uses it without the lock.
+    The metric writer process opens the store only after its parent has.
+
+    Raises PipelineError naming the URI (credentials hidden) and the cause when the store
+    cannot be opened: a truncated or foreign file, a missing or unwritable folder, a server
+    that does not answer.
+    """
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    uri = mlflow.get_tracking_uri()
+    with _opening:
+        if uri in _opened:
+            return
+        try:
+            if uri.lower().startswith("sqlite"):
+                # Its ~2 s of imports outside the lock: other processes wait only for the
+                # opening itself (~0.1 s on an existing store).
+                from mlflow.store.tracking import sqlalchemy_store  # noqa: F401
+            with _creation_lock(uri):
+                _get_store()
+        except PipelineError:
+            raise
+        except Exception as exc:
+            raise PipelineError(
+                f"cannot open the tracking store {store.redact(uri)}: "
+                f"{store.redact(first_line(exc))}"
+            ) from None
+        _opened.add(uri)
+
+
+def _client() -> MlflowClient:
+    """A client of the tracking store, opened first with `open_store` (safe to race)."""
+    open_store()
+    return MlflowClient()
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """An exclusive flock on the folder of a sqlite store, else nothing.
+
+    The folder, not a file: nothing is left behind, and sqlite's own locks on the database
+    file are POSIX locks that closing any other descriptor of that file would drop.
+    """
+    path = store.local_path(uri) if uri.lower().startswith("sqlite") else None
+    if path is None:
+        yield
+        return
+    folder = path.expanduser().resolve().parent
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot open the tracking store {store.redact(uri)}: folder {str(folder)!r}: "
+            f"{exc.strerror}"
+        ) from None
+    try:
+        # No flock on this file system (some NFS): open unserialised, as MLflow does.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def import_end_of_run() -> None:
@@ -331,26 +415,37 @@ def start_run(
 ) -> Iterator[Run]:
     """Open a run and always close it: FINISHED, FAILED on an exception, KILLED on a signal.
 
-    Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is resumed instead, as is
-    `run_id` when given. `parent_run_id` nests the run under a run of another process.
+    Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is adopted instead, if it
+    is what `mlflow run` creates for this step (see `adoption_problem`), keeping the name
+    the user gave it (`--run-name`); `run_id` reopens a run of the same step (a sweep
+    resuming). `parent_run_id` nests the run under a run of another process.
+
+    Raises PipelineError, before any run is touched, when MLFLOW_RUN_ID or `run_id` names
+    a run that is not there, is of another step, or (MLFLOW_RUN_ID) is not a new one.
     """
     with signals.sigterm_raises():
+        open_store()
+        with _store_errors():
+            existing, users_name = _run_to_reopen(step, run_id)
+        if existing is not None and run_id is None:  # adopted: nested runs are new runs
+            os.environ.pop("MLFLOW_RUN_ID", None)
         if system_metrics:
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         run, status = None, "FAILED"
         try:
             # Held until `run` is set: a run created but not yet known here stays RUNNING.
-            with signals.held():
+            with signals.held(), _store_errors():
                 active = mlflow.start_run(
-                    run_id=run_id,
-                    run_name=run_name,
+                    run_id=existing,
+                    run_name=None if users_name else run_name,
                     nested=nested,
                     experiment_id=experiment_id,
                     parent_run_id=parent_run_id,
                     log_system_metrics=system_metrics,
                 )
                 run = Run(active.info.run_id, active.info.experiment_id, writer_process)
-            set_tags({"mlflow.runName": run_name, STEP_TAG: step, **version_tags()})
+            name = {} if users_name else {"mlflow.runName": run_name}
+            set_tags(name | {STEP_TAG: step, **version_tags()})
             yield run
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -359,6 +454,121 @@ def start_run(
         finally:
             if run is not None:
                 _end_run(run, status)
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """MLflow's errors from the store (a server that does not answer, a refused request) as
+    one line naming the store, credentials hidden, instead of a page of traceback."""
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as exc:
+        reason = spool.unreachable(exc)
+        what = f"unreachable ({reason})" if reason else store.redact(first_line(exc))
+        raise PipelineError(f"tracking store {store.redact(tracking_uri())}: {what}") from None
+
+
+ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+ENTRY_POINTS = ("main", "data_prep", "train", "retrain", "sweep")  # each runs the step it names
+ERROR_TAG = "pipeline.error"
+
+
+def _run_to_reopen(step: str, run_id: str | None) -> tuple[str | None, bool]:
+    """(id of the existing run `start_run` reopens or None, whether its name is the user's).
+
+    MLFLOW_RUN_ID is checked here, not left to `mlflow.start_run`: that would reopen any
+    run, a FINISHED run of another command included (a value left over in the shell), and
+    train into it.
+    """
+    if run_id is not None:  # a resume the caller chose: only ever a run of the same step
+        found = find_run(run_id)
+        if found is None or found.data.tags.get(STEP_TAG) != step:
+            what = "no run" if found is None else f"a {_describe(found)}"
+            raise PipelineError(f"cannot resume run {run_id} as a {step} run: it is {what}")
+        return run_id, False
+    env_id = os.environ.get("MLFLOW_RUN_ID")
+    if not env_id:
+        return None, False
+    found = find_run(env_id)
+    if found is None:
+        raise PipelineError(
+            f"MLFLOW_RUN_ID={env_id} is not a run in the tracking store "
+            f"{store.redact(tracking_uri())}; unset MLFLOW_RUN_ID if it is left over in this "
+            "shell, or give `mlflow run` and this command the same MLFLOW_TRACKING_URI"
+        )
+    if (problem := adoption_problem(found, step)) is not None:
+        raise PipelineError(
+            f"MLFLOW_RUN_ID={env_id} names {problem}, not a new run that `mlflow run` started "
+            f"for this {step}; unset MLFLOW_RUN_ID (left over in this shell?)"
+        )
+    return env_id, not generated_name(found.info.run_name)
+
+
+def adoption_problem(run: mlflow.entities.Run, step: str) -> str | None:
+    """Why `run` is not one this `step` may write into as its own, or None if it may.
+
+    The legitimate case is the run `mlflow run` created for the entry point that runs this
+    step: RUNNING, not deleted, no step of ours started in it yet, and (when MLflow recorded
+    it) that entry point.
+    """
+    entry_point = run.data.tags.get(ENTRY_POINT_TAG)
+    if run.info.lifecycle_stage != "active":
+        return f"a deleted {_describe(run)}"
+    if run.info.status != "RUNNING":
+        return f"a {run.info.status} {_describe(run)}"
+    if STEP_TAG in run.data.tags:
+        return f"a {_describe(run)} that has started already"
+    if entry_point in ENTRY_POINTS and entry_point != step:
+        return f"the run of entry point {entry_point!r}"
+    return None
+
+
+def _describe(run: mlflow.entities.Run) -> str:
+    step = run.data.tags.get(STEP_TAG)
+    return f"{step + ' ' if step else ''}run ({run.info.run_name!r})"
+
+
+def generated_name(name: str | None) -> bool:
+    """Whether `name` is one MLflow made up for an unnamed run (`adjective-noun-123`), as
+    opposed to one a user chose (`mlflow run --run-name`)."""
+    match = re.fullmatch(r"([a-z]+)-([a-z]+)-(\d{1,4})", name or "")
+    if not name:
+        return True
+    if match is None:
+        return False
+    try:  # MLflow's own word lists; private, so only a refinement of the pattern
+        from mlflow.utils import name_utils
+
+        return (
+            match[1] in name_utils._GENERATOR_PREDICATES and match[2] in name_utils._GENERATOR_NOUNS
+        )
+    except (ImportError, AttributeError):
+        return True
+
+
+def mark_not_started(message: str, prefix: str) -> None:
+    """Under `mlflow run`, mark the run it created for a command that stopped before
+    starting it (bad input, a busy lock): MLflow creates that run before our command
+    starts, and ends it FAILED with a random name when the command exits non-zero.
+
+    It is named `<prefix>-<entry point>` (unless the user named it) and tagged
+    `pipeline.error` with the one-line error. Only such a run is touched: a stale
+    MLFLOW_RUN_ID naming any other run is left alone. Best effort; never raises.
+    """
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    path = store.local_path(tracking_uri())
+    if not run_id or (path is not None and not path.expanduser().exists()):
+        return  # opening a local store that is not there would create it
+    with contextlib.suppress(Exception):
+        found = get_run(run_id)
+        entry_point = found.data.tags.get(ENTRY_POINT_TAG)
+        if entry_point not in ENTRY_POINTS or adoption_problem(found, entry_point):
+            return
+        client = MlflowClient()
+        client.set_tag(run_id, ERROR_TAG, store.redact(message)[:5000])
+        if generated_name(found.info.run_name):
+            client.set_tag(run_id, "mlflow.runName", f"{prefix}-{entry_point}")
+        client.set_terminated(run_id, "FAILED")
 
 
 def _end_run(run: Run, status: str) -> None:
@@ -380,13 +590,65 @@ def _end_run(run: Run, status: str) -> None:
 
 
 def log_params(params: dict[str, object]) -> None:
-    """Log params as strings, skipping keys already set: under `mlflow run` MLflow logs the
-    entry point's parameters itself, as typed, and a param can never change once logged."""
+    """Log params as strings. A key already on the run with the same value (`same_value`)
+    is skipped: under `mlflow run` MLflow logs the entry point's parameters itself, as it
+    spells them. A different value is an error, before anything else is logged: a param
+    can never change once logged.
+
+    Raises PipelineError naming the key and both values.
+    """
     # The run as `start_run` fetched it, MLflow's own params included: no extra request.
-    existing = mlflow.active_run().data.params
-    new = {k: "none" if v is None else str(v) for k, v in params.items() if k not in existing}
+    active = mlflow.active_run()
+    existing = active.data.params
+    new = {}
+    for key, value in params.items():
+        text = "none" if value is None else str(value)
+        if key not in existing:
+            new[key] = text
+        elif not same_value(existing[key], text):
+            raise PipelineError(
+                f"run {active.info.run_id} already has param {key}={existing[key]!r}, which "
+                f"cannot change to {text!r}"
+            )
     if new:
         spool.submit({"op": "params", "params": new})
+
+
+def canonical(value: object) -> str:
+    """A param value in one spelling, to compare params as MLflow stores them (strings).
+
+    `mlflow run` logs each entry point parameter shell-quoted when it has to be
+    (`'/tmp/x/sp ace'`) and as typed (`0.10`, `1e-3`, `false`); this product logs
+    `0.1`, `0.001`, `False`. Numbers compare as floats, true/false in any case, and the
+    spellings of "unset" (`auto`, `none`, empty) as one.
+    """
+    text = "none" if value is None else str(value)
+    if text.startswith("'"):
+        with contextlib.suppress(ValueError):
+            words = shlex.split(text)
+            if len(words) == 1 and shlex.quote(words[0]) == text:
+                text = words[0]
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered
+    if lowered in ("auto", "none", ""):
+        return "auto"
+    if len(lowered) > 24:  # ids and digests: compared exactly, never as numbers
+        return text
+    try:
+        number = float(lowered)
+    except ValueError:
+        return text
+    return repr(number) if math.isfinite(number) else lowered
+
+
+def same_value(a: object, b: object) -> bool:
+    return canonical(a) == canonical(b)
+
+
+def params_match(params: dict[str, str], wanted: dict[str, object]) -> bool:
+    """Whether a run's `params` hold every key of `wanted` with the same value (`canonical`)."""
+    return all(k in params and same_value(params[k], v) for k, v in wanted.items())
 
 
 def set_tags(tags: dict[str, str]) -> None:
@@ -426,8 +688,8 @@ def find_finished_run(
 ) -> mlflow.entities.Run | None:
     """The newest FINISHED `step` run of this code version with exactly these params."""
     for run in finished_runs(experiment_id, step, max_results):
-        # MLflow stores params as strings, so compare them as strings.
-        if all(run.data.params.get(k) == v for k, v in params.items()):
+        # As stored: `mlflow run` quotes and spells values its own way (`canonical`).
+        if params_match(run.data.params, params):
             return run
     return None
 
@@ -436,7 +698,7 @@ def finished_runs(
     experiment_id: str, step: str, max_results: int = 5000
 ) -> list[mlflow.entities.Run]:
     """FINISHED `step` runs of this code version, newest first."""
-    return MlflowClient().search_runs(
+    return _client().search_runs(
         [experiment_id],
         filter_string=(
             f"tags.`{STEP_TAG}` = '{step}' and tags.`{CODE_VERSION_TAG}` = '{code_version()}'"
@@ -453,7 +715,7 @@ def ensure_experiment(name: str) -> str:
     Created up front by the one sweep process: several processes calling `set_experiment`
     for a new name race, and all but one end up logging to "Default".
     """
-    client = MlflowClient()
+    client = _client()
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage != "active":
@@ -472,12 +734,22 @@ def ensure_experiment(name: str) -> str:
 
 
 def experiment_name(experiment_id: str) -> str:
-    return MlflowClient().get_experiment(experiment_id).name
+    return _client().get_experiment(experiment_id).name
 
 
 def find_unfinished_sweep(experiment_id: str, file_digest: str) -> str | None:
-    """The newest sweep run of this file and code version that did not finish, to resume."""
-    runs = MlflowClient().search_runs(
+    """The newest sweep run of this file and code version if it did not finish, to resume.
+
+    A RUNNING one is resumed too: the caller holds the sweep's lock, so no live process
+    is running it (it was SIGKILLed, or its machine died).
+    """
+    run = find_sweep(experiment_id, file_digest)
+    return run.info.run_id if run is not None and run.info.status != "FINISHED" else None
+
+
+def find_sweep(experiment_id: str, file_digest: str) -> mlflow.entities.Run | None:
+    """The newest sweep run of this file and code version, any status."""
+    runs = _client().search_runs(
         [experiment_id],
         filter_string=(
             f"tags.`{STEP_TAG}` = 'sweep' and tags.`{CODE_VERSION_TAG}` = '{code_version()}'"
@@ -486,29 +758,32 @@ def find_unfinished_sweep(experiment_id: str, file_digest: str) -> str | None:
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    if runs and runs[0].info.status != "FINISHED":
-        return runs[0].info.run_id
-    return None
+    return runs[0] if runs else None
 
 
 # --- reading runs back -------------------------------------------------------------------
 
 
 def find_run(run_id: str) -> mlflow.entities.Run | None:
-    """The run with this id, or None where there is none."""
+    """The run with this id, or None where there is none (or `run_id` is no run id).
+
+    Other errors (a server that does not answer) are raised, not taken for "no such run".
+    """
     try:
         return get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def get_run(run_id: str) -> mlflow.entities.Run:
-    return MlflowClient().get_run(run_id)
+    return _client().get_run(run_id)
 
 
 def experiment_by_name(name: str) -> mlflow.entities.Experiment:
     """Experiment `name`; the error lists the experiments there are."""
-    client = MlflowClient()
+    client = _client()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         names = [e.name for e in client.search_experiments()]
@@ -523,18 +798,20 @@ def train_runs(experiment_id: str, parent_run_id: str | None = None) -> list[mlf
     query = f"tags.`{STEP_TAG}` = 'train'"
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    return MlflowClient().search_runs([experiment_id], query, max_results=5000)
+    return _client().search_runs([experiment_id], query, max_results=5000)
 
 
 def load_json_artifact(run_id: str, artifact_file: str) -> object | None:
-    """A JSON file logged to a run, or None where the run has none (yet)."""
+    """A JSON file logged to a run, or None where the run has none (yet).
+
+    Downloaded into a temporary folder that is gone when this returns.
+    """
     client = MlflowClient()
     if artifact_file not in {a.path for a in client.list_artifacts(run_id)}:
         return None
-    folder = tempfile.mkdtemp(prefix="pipeline-artifact-")
-    with _no_progress_bar():
+    with tempfile.TemporaryDirectory(prefix="pipeline-artifact-") as folder, _no_progress_bar():
         path = client.download_artifacts(run_id, artifact_file, folder)
-    return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
 
 
 @contextlib.contextmanager
@@ -566,6 +843,20 @@ def create_finished_run(experiment_id: str, run_name: str, step: str) -> str:
     )
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+def compare_run(experiment_id: str, run_name: str) -> str:
+    """The experiment's run that holds its comparisons: the newest FINISHED `compare` run,
+    or a new one. Reused, so comparing again refreshes its artifacts instead of adding runs."""
+    found = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{STEP_TAG}` = 'compare' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    return create_finished_run(experiment_id, run_name, "compare")
 
 
 def log_artifacts_to(run_id: str, folder: Path, artifact_path: str) -> None:
@@ -667,34 +958,45 @@ def log_model(model, example, *, registered_model_name: str | None = None):
     """Log the model as a pt2 (torch.export) artifact, loadable by pyfunc and servable.
 
     pip requirements are given explicitly: inferring them imports the model in a
-    subprocess and costs seconds on every run.
+    subprocess and costs seconds on every run. They pin the versions the model ran with and,
+    when this environment is the lock's, carry every pin of the lock as the model's
+    `constraints.txt`, so an environment rebuilt to serve it is the one that trained it.
     """
     import numpy as np
     import torch
     from mlflow.models import infer_signature
 
+    from pipeline import environment
+
     model = model.eval()
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     base = lambda v: v.split("+")[0]  # noqa: E731 - drop local tags like +cpu / +cu130
-    kwargs = dict(
-        signature=infer_signature(example, output),
-        input_example=example,
-        pip_requirements=[
-            f"torch=={base(torch.__version__)}",
-            f"mlflow=={mlflow.__version__}",
-            f"numpy=={np.__version__}",
-        ],
-    )
-    if registered_model_name is not None:  # registering needs the server now: never kept
-        return mlflow.pytorch.log_model(
-            model, name="model", registered_model_name=registered_model_name, **kwargs
+    requirements = [
+        f"torch=={base(torch.__version__)}",
+        f"mlflow=={mlflow.__version__}",
+        f"numpy=={np.__version__}",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        if (pins := environment.model_constraints()) is not None:
+            # MLflow copies a `-c` file into the model; it takes no constraint lines directly.
+            constraints = Path(tmp, "constraints.txt")
+            constraints.write_text("\n".join(pins) + "\n")
+            requirements.append(f"-c {constraints}")
+        kwargs = dict(
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=requirements,
         )
-    return spool.keep_model(
-        lambda: mlflow.pytorch.log_model(model, name="model", **kwargs),
-        lambda path: mlflow.pytorch.save_model(model, path, **kwargs),
-        "model",
-    )
+        if registered_model_name is not None:  # registering needs the server now: never kept
+            return mlflow.pytorch.log_model(
+                model, name="model", registered_model_name=registered_model_name, **kwargs
+            )
+        return spool.keep_model(
+            lambda: mlflow.pytorch.log_model(model, name="model", **kwargs),
+            lambda path: mlflow.pytorch.save_model(model, path, **kwargs),
+            "model",
+        )
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

