@@ -167,6 +167,18 @@ def test_the_end_of_a_run_waits_at_most_its_budget_for_a_silent_server(
     assert 2.9 < waited < 5, waited
 
 
+def test_a_server_down_before_the_run_starts_is_one_line_and_nothing_runs(
+    refused, sample_file, tmp_path, spool_dir
+):
+    env = {**_env(), "MLFLOW_TRACKING_URI": refused, "PIPELINE_SPOOL_DIR": str(spool_dir)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--data", str(sample_file)],
+        env=env, capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(proc, f"tracking store {refused}: unreachable (Connection refused)")
+    assert "epoch" not in proc.stderr and not spool_dir.exists()
+
+
 # --- a real tracking server, stopped and restarted ------------------------------------------
 
 
@@ -285,8 +297,14 @@ def test_a_server_that_stays_down_keeps_the_run_until_pipeline_sync(
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path} is {oct(mode)}"  # this user's only
 
-    server.start()
     env = {**_env(), "MLFLOW_TRACKING_URI": server.uri, "PIPELINE_SPOOL_DIR": str(kept_in)}
+    early = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sync"], env=env, capture_output=True, text=True
+    )
+    assert_one_line_error(early, f"tracking server {server.uri} unreachable (Connection refused)")
+    assert folder.exists()
+
+    server.start()
     sync = subprocess.run(
         [sys.executable, "-m", "pipeline", "sync"], env=env, capture_output=True, text=True
     )
