@@ -278,13 +278,10 @@ class RunSpool:
         self.create()
         _write_private(self.folder / OPS, _line(op), "ab")
 
-    def keep_file(self, path: Path, name: str | None = None) -> str:
-        """Copy `path` (a file or folder) into `files/`; returns its name in the spool."""
-        target = self.slot() / (name or path.name)
-        if path.is_dir():
-            shutil.copytree(path, target)
-        else:
-            shutil.copyfile(path, target)
+    def keep_file(self, path: Path) -> str:
+        """Copy file `path` into `files/`; returns its name relative to the run's folder."""
+        target = self.slot() / path.name
+        shutil.copyfile(path, target)
         _owner_only(target)
         return str(target.relative_to(self.folder))
 
@@ -308,7 +305,8 @@ class RunSpool:
         return (self.folder / OPS).exists() or (self.folder / METRICS).exists()
 
     def summary(self) -> str:
-        """What is kept, in words: '226 metric points, 3 params, ..., the end (FINISHED)'."""
+        """What is kept, in words: '226 metric points, 3 params, 1 model, the end status
+        FINISHED'."""
         done = _progress(self.folder)
         batches = self.point_batches()[done.get(METRICS, 0) :]
         ops = self.ops()[done.get(OPS, 0) :]
@@ -449,7 +447,6 @@ class PointQueue:
         self.down: str | None = None  # why the server is unreachable, while it is
         self._server = is_server(uri)
         self._last_answer = time.monotonic()
-        self.written = 0
         self._thread = threading.Thread(target=self._send, name="points", daemon=True)
         self._thread.start()
 
@@ -508,7 +505,6 @@ class PointQueue:
             with self._cond:
                 if self._head is batch:  # `close` may have kept it meanwhile
                     self._head = None
-                    self.written += len(batch)
                 self._last_answer = time.monotonic()
                 self.down = None
                 self._cond.notify_all()
