@@ -7,22 +7,26 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 
 import click
 
 from pipeline.config import (
+    CHOICES,
     DATASETS,
     DEVICES,
     LOSSES,
     MODELS,
     OPTIMIZERS,
     RANGES,
+    SCHEDULERS,
     PrepConfig,
     TrainConfig,
 )
 from pipeline.errors import PipelineError, quote
 
 PREP, TRAIN = PrepConfig(), TrainConfig()
+PREP_KEYS = tuple(f.name for f in fields(PrepConfig))
 
 
 class Number(click.ParamType):
@@ -76,14 +80,21 @@ prep_options = _options(
         click.option("--dataset", type=click.Choice(DATASETS), default=PREP.dataset,
                      show_default=True),
         click.option("--data-dir", default=PREP.data_dir, show_default=True,
-                     help="Where raw data sets live and prepared files are written."),
+                     help="Raw data: a root holding <Name>/raw/, a folder of IDX files, or "
+                     "(folder) one subfolder of images per class."),
         click.option("--val-fraction", type=_typed("val_fraction"),
                      default=PREP.val_fraction, show_default=True),
         click.option("--test-fraction", type=_typed("test_fraction"),
                      default=PREP.test_fraction, show_default=True,
-                     help="mnist-sample only; torchvision sets use their official test split."),
+                     help="mnist-sample and folder; IDX sets use their official test split."),
         click.option("--split-seed", type=_typed("split_seed"), default=PREP.split_seed,
                      show_default=True),
+        click.option("--image-size", type=_typed("image_size"), default=PREP.image_size,
+                     show_default=True,
+                     help="folder only: images are resized to SIZE x SIZE pixels."),
+        click.option("--channels", type=click.Choice(CHOICES["channels"]),
+                     default=PREP.channels, show_default=True,
+                     help="folder only: 1 = grayscale, 3 = RGB."),
     ]
 )  # fmt: skip
 
@@ -102,6 +113,19 @@ train_options = _options(
         click.option("--label-smoothing", type=_typed("label_smoothing"),
                      default=TRAIN.label_smoothing, show_default=True,
                      help="cross_entropy only."),
+        click.option("--scheduler", type=click.Choice(SCHEDULERS), default=TRAIN.scheduler,
+                     show_default=True, help="Learning-rate schedule, stepped every step."),
+        click.option("--warmup-steps", type=_typed("warmup_steps"), default=TRAIN.warmup_steps,
+                     show_default=True, help="Linear warm-up steps before the schedule."),
+        click.option("--step-size", type=_typed("step_size"), default=TRAIN.step_size,
+                     show_default=True, help="step: epochs between decays."),
+        click.option("--gamma", type=_typed("gamma"), default=TRAIN.gamma, show_default=True,
+                     help="step: lr factor of each decay."),
+        click.option("--eta-min-fraction", type=_typed("eta_min_fraction"),
+                     default=TRAIN.eta_min_fraction, show_default=True,
+                     help="cosine: last step's lr, as a fraction of lr."),
+        click.option("--pct-start", type=_typed("pct_start"), default=TRAIN.pct_start,
+                     show_default=True, help="onecycle: share of steps rising to lr."),
         click.option("--epochs", type=_typed("epochs"), default=TRAIN.epochs,
                      show_default=True),
         click.option("--batch-size", type=_typed("batch_size"), default=TRAIN.batch_size,
@@ -140,7 +164,7 @@ def cli(ctx: click.Context) -> None:
         sync_quietly(store.uri())
 
 
-@cli.command()
+@cli.command(short_help="Split a data set into train/val/test and log it.")
 @prep_options
 def prep(**kwargs) -> None:
     """data_prep: split a data set into train/val/test and log the prepared file."""
@@ -149,7 +173,7 @@ def prep(**kwargs) -> None:
     run_prep(PrepConfig(**kwargs))
 
 
-@cli.command()
+@cli.command(short_help="Fit one model on prepared data, log it to MLflow.")
 @click.option("--data", required=True, help="A prepared .pt file or a data_prep run id.")
 @train_options
 def train(data: str, compile_: bool, **kwargs) -> None:
@@ -159,18 +183,18 @@ def train(data: str, compile_: bool, **kwargs) -> None:
     run_train(_train_config(data, compile_, **kwargs))
 
 
-@cli.command()
+@cli.command(short_help="data_prep then train, as children of one run.")
 @prep_options
 @train_options
-def main(dataset, data_dir, val_fraction, test_fraction, split_seed, compile_, **kwargs) -> None:
+def main(compile_, **kwargs) -> None:
     """main: data_prep then train, as child runs of one parent run."""
     from pipeline.steps import run_main
 
-    prep_cfg = PrepConfig(dataset, data_dir, val_fraction, test_fraction, split_seed)
+    prep_cfg = PrepConfig(**{k: kwargs.pop(k) for k in PREP_KEYS})
     run_main(prep_cfg, _train_config("", compile_, **kwargs))
 
 
-@cli.command()
+@cli.command(short_help="Train a challenger; promote it only if better.")
 @click.option(
     "--config",
     "config_path",
@@ -210,7 +234,7 @@ def retrain(config_path: str, params_from: str, model_name: str, lock_dir: str |
     run_retrain(cfg, params_from=params_from, lock_dir=lock_dir)
 
 
-@cli.command()
+@cli.command(short_help="A model's champion and every retrain decision.")
 @click.argument("name")
 def champion(name: str) -> None:
     """champion: the current champion of NAME and every retrain decision, oldest first."""
@@ -226,36 +250,35 @@ def champion(name: str) -> None:
             f"test_accuracy={t.get('test_accuracy', '?')} test_loss={t.get('test_loss', '?')} "
             f"data={t.get('data_digest', '?')[:12]} run={t.get('source_run_id', current.run_id)}"
         )
-    header = (
-        "version",
-        "decision",
-        "decided_at",
-        "accuracy",
-        "loss",
-        "data",
-        "champion_before",
-        "reason",
-    )
-    click.echo("  ".join(header))
-    for v in decided:
-        t = v.tags
-        click.echo(
-            "  ".join(
-                [
-                    f"v{v.version}",
-                    v.decision or "?",
-                    t.get("retrain.decided_at", "-"),
-                    t.get("test_accuracy", "-"),
-                    t.get("test_loss", "-"),
-                    t.get("data_digest", "-")[:12],
-                    t.get("retrain.champion_version", "-"),
-                    t.get("retrain.reason", "-"),
-                ]
-            )  # fmt: skip
-        )
+    header = ["version", "decision", "decided_at", "accuracy", "loss", "data",
+              "champion_before", "reason"]  # fmt: skip
+    rows = [
+        [
+            f"v{v.version}",
+            v.decision or "?",
+            v.tags.get("retrain.decided_at", "-"),
+            v.tags.get("test_accuracy", "-"),
+            v.tags.get("test_loss", "-"),
+            v.tags.get("data_digest", "-")[:12],
+            v.tags.get("retrain.champion_version", "-"),
+            v.tags.get("retrain.reason", "-"),
+        ]
+        for v in decided
+    ]
+    for line in aligned([header, *rows]):
+        click.echo(line)
 
 
-@cli.command()
+def aligned(rows: list[list[str]]) -> list[str]:
+    """Rows as lines of left-aligned columns two spaces apart; the last column unpadded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
+        for row in rows
+    ]
+
+
+@cli.command(short_help="Every trial of an experiment file, as child runs.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option(
     "--parallel",
@@ -272,7 +295,7 @@ def sweep(file: str, parallel: int, dry_run: bool) -> None:
     run_sweep(file, parallel, dry_run)
 
 
-@cli.command()
+@cli.command(short_help="Rank the train runs of an experiment or a sweep.")
 @click.argument("target")
 @click.option(
     "--metric", default=None, help="Rank by this metric. [default: the sweep's, else test/accuracy]"

@@ -268,7 +268,7 @@ def _draw(c: Comparison, folder: Path) -> None:
     write_csv(c, folder / "table.csv")
     (folder / "table.md").write_text(format_markdown(c))
     plots.loss_curves(_series(c, "train/loss"), folder / "loss_curves.png")
-    plots.val_accuracy(_series(c, "val/accuracy"), folder / "val_accuracy.png")
+    plots.val_accuracy(_by_epoch(_series(c, "val/accuracy")), folder / "val_accuracy.png")
     finals = [
         plots.Series(r.info.run_id, c.label(r), r.data.params.get("optimizer", "?"),
                      _bar_label(r, c.params), [(0, r.data.metrics[c.metric])],
@@ -307,3 +307,15 @@ def _series(c: Comparison, key: str):
         )
         for r in c.runs
     ]
+
+
+def _by_epoch(series: list):
+    """Each point's step as the epoch it ended (the run's `epoch` metric at that step).
+
+    val/* is logged at the global step that ends its epoch; runs from before that logged
+    it at step = epoch and have no `epoch` metric, so their steps are kept as they are.
+    """
+    for s in series:
+        epochs = dict(tracking.metric_history(s.key, "epoch"))
+        s.points = [(int(epochs.get(step, step)), value) for step, value in s.points]
+    return series

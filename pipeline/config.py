@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from pipeline.errors import PipelineError, quote
 
-DATASETS = ("mnist-sample", "mnist", "fashion-mnist", "kmnist")
+DATASETS = ("mnist-sample", "mnist", "fashion-mnist", "kmnist", "folder")
 MODELS = ("seed_cnn", "lenet5", "mlp")
 LOSSES = ("cross_entropy", "mse", "nll", "multi_margin")
 OPTIMIZERS = (
@@ -30,12 +30,15 @@ OPTIMIZERS = (
     "nadam",
 )
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SCHEDULERS = ("none", "step", "cosine", "onecycle")
 CHOICES = {
     "dataset": DATASETS,
     "model": MODELS,
     "optimizer": OPTIMIZERS,
     "loss": LOSSES,
     "device": DEVICES,
+    "channels": (1, 3),  # grayscale or RGB
+    "scheduler": SCHEDULERS,
 }
 
 
@@ -46,8 +49,10 @@ class PrepConfig:
     dataset: str = "mnist-sample"
     data_dir: str = "data"
     val_fraction: float = 0.1  # carved from train, stratified
-    test_fraction: float = 0.2  # mnist-sample only: torchvision sets ship an official test split
+    test_fraction: float = 0.2  # mnist-sample and folder: the IDX sets ship an official test split
     split_seed: int = 0
+    image_size: int = 28  # folder only: images are resized to image_size x image_size
+    channels: int = 1  # folder only: 1 = grayscale, 3 = RGB
 
     def params(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -65,6 +70,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     loss: str = "cross_entropy"
     label_smoothing: float = 0.0  # cross_entropy only
+    # Learning-rate schedule, stepped per optimizer step (pipeline/schedulers.py).
+    scheduler: str = "none"  # the notebook: a constant lr
+    warmup_steps: int = 0  # linear warm-up before any schedule; 0 = none
+    step_size: int = 1  # step: epochs between decays
+    gamma: float = 0.1  # step: factor of each decay
+    eta_min_fraction: float = 0.0  # cosine: the last step's lr, as a fraction of lr
+    pct_start: float = 0.3  # onecycle: share of the steps spent rising to lr
     epochs: int = 10
     batch_size: int = 128
     seed: int = 42
@@ -78,6 +90,8 @@ class TrainConfig:
     def run_name(self) -> str:
         return f"{self.optimizer}-{self.loss}-{self.model}"
 
+
+PREP_DEFAULTS = asdict(PrepConfig())
 
 # torch.manual_seed and torch.Generator.manual_seed take [-2**63, 2**64 - 1] and map a
 # negative seed s to 2**64 + s (-1 and 2**64 - 1 give the same numbers): non-negative
@@ -124,10 +138,17 @@ RANGES = {
     "val_fraction": FRACTION,
     "test_fraction": FRACTION,
     "split_seed": SEED,
+    # 12: the smallest input lenet5's two 5x5 convs and 2x2 pools leave a pixel of.
+    "image_size": Range(12, 1024, integer=True),
     "lr": Range(0, low_open=True),  # None (auto) is checked by its caller
     "momentum": Range(0),
     "weight_decay": Range(0),
     "label_smoothing": Range(0, 1, high_open=True),
+    "warmup_steps": Range(0, integer=True),
+    "step_size": Range(1, integer=True),
+    "gamma": Range(0, 1, low_open=True),  # a decay: 1 keeps the lr, above 1 would grow it
+    "eta_min_fraction": Range(0, 1),
+    "pct_start": FRACTION,
     "epochs": Range(1, integer=True),
     "batch_size": Range(1, integer=True),
     "seed": SEED,

@@ -184,7 +184,8 @@ def field_value(err: FileErrors, where: str, key: str, value: object, kind: obje
     """`value` for the field `key` of type `kind`: converted, and in CHOICES or RANGES."""
     value = convert(err, where, value, kind)
     if key in CHOICES and value not in CHOICES[key]:
-        raise err(f"{where} {quote(value)} is invalid; valid choices: {', '.join(CHOICES[key])}")
+        choices = ", ".join(map(str, CHOICES[key]))
+        raise err(f"{where} {quote(value)} is invalid; valid choices: {choices}")
     if key in RANGES:
         try:
             check_range(key, value, where)

@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from pipeline.losses import LossFn
 
@@ -54,11 +55,13 @@ class Tracker(Protocol):
 
 @dataclass
 class TrainState:
-    """Everything a resumed run needs: weights, optimizer moments, counters and RNG."""
+    """Everything a resumed run needs: weights, optimizer moments, lr schedule, counters, RNG."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # shuffling order; model init uses the global RNG
+    # Stepped once after every optimizer step; None: the lr stays as the optimizer has it.
+    scheduler: LRScheduler | None = None
     epoch: int = 0
     step: int = 0
     # A faster stand-in for model(x) with the same result (compiled, or collapsed), if any.
@@ -68,6 +71,7 @@ class TrainState:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
             "step": self.step,
@@ -76,6 +80,10 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if (self.scheduler is None) != (state["scheduler"] is None):
+            raise ValueError("the saved state and this one differ in having an lr scheduler")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.epoch, self.step = state["epoch"], state["step"]
 
@@ -119,12 +127,12 @@ def train_epoch(
     Raises `Diverged` when a logged step's loss is NaN or infinite; the state is then
     mid-epoch, its weights most likely not finite.
     """
-    model, optimizer = state.model, state.optimizer
+    model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
     forward = state.forward or model
     model.train()
     state.epoch += 1
     order = torch.randperm(len(x), generator=state.generator).to(x.device)
-    pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
     for i, start in enumerate(range(0, len(x), batch_size)):
         idx = order[start : start + batch_size]
         # index_select gathers the same rows as x[idx] at half the cost of advanced indexing.
@@ -134,12 +142,15 @@ def train_epoch(
             loss = loss_fn(logits.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        lr = optimizer.param_groups[0]["lr"]  # the lr this step trains at
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         state.step += 1
         if state.step % log_every == 0:
             # Device tensors, read in one transfer by _report; accuracy is computed there too,
             # for all pending steps at once, rather than with three small ops per step.
-            pending.append((i, state.step, time.time(), loss.detach(), logits.detach(), yb))
+            pending.append((i, state.step, time.time(), loss.detach(), logits.detach(), yb, lr))
             if len(pending) >= SYNC_EVERY:
                 _report(state, pending, tracker)
     _report(state, pending, tracker)
@@ -156,9 +167,8 @@ def _report(state: TrainState, pending: list, tracker: Tracker) -> None:
         return
     losses = torch.stack([p[3] for p in pending]).tolist()
     correct = _correct_per_step([p[4] for p in pending], [p[5] for p in pending]).tolist()
-    lr = state.optimizer.param_groups[0]["lr"]
     rows = []
-    for (i, step, t, _, _, yb), loss, c in zip(pending, losses, correct, strict=True):
+    for (i, step, t, _, _, yb, lr), loss, c in zip(pending, losses, correct, strict=True):
         finite = math.isfinite(loss)
         rows.append(StepLog(state.epoch, i, step, t, loss, c / len(yb) if finite else math.nan, lr))
         if not finite:

@@ -10,27 +10,40 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 
+Size = tuple[int, int]  # (height, width) in pixels
 
-def seed_cnn(num_classes: int = 10) -> nn.Module:
-    """The notebook's model: one 3x3 conv, no activation, straight into a linear layer."""
+
+def seed_cnn(num_classes: int = 10, channels: int = 1, size: Size = (28, 28)) -> nn.Module:
+    """The notebook's model: one 3x3 conv, no activation, straight into a linear layer.
+
+    At the defaults, exactly the notebook's Conv2d(1, 8, 3) -> Flatten -> Linear(8*26*26, 10);
+    other inputs [N, channels, H, W] change only the conv's input channels and the linear
+    layer's width, 8 * (H - 2) * (W - 2).
+    """
+    h, w = size
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3),
+        nn.Conv2d(channels, 8, 3),
         nn.Flatten(),
-        nn.Linear(8 * 26 * 26, num_classes),
+        nn.Linear(8 * (h - 2) * (w - 2), num_classes),
     )
 
 
-def lenet5(num_classes: int = 10) -> nn.Module:
-    """LeNet-5 for 28x28 inputs (padding 2 stands in for the original 32x32 images)."""
+def lenet5(num_classes: int = 10, channels: int = 1, size: Size = (28, 28)) -> nn.Module:
+    """LeNet-5 (LeCun et al. 1998) for inputs [N, channels, H, W]; H, W >= 12.
+
+    Padding 2 on the first conv stands in for the original's 32x32 inputs at 28x28; the first
+    linear layer takes whatever the two conv+pool stages leave, 16x5x5 at 28x28.
+    """
+    h, w = ((d // 2 - 4) // 2 for d in size)  # conv 5 pad 2 keeps d; pool halves; conv 5 -4
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2),
+        nn.Conv2d(channels, 6, 5, padding=2),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120),
+        nn.Linear(16 * h * w, 120),
         nn.ReLU(),
         nn.Linear(120, 84),
         nn.ReLU(),
@@ -38,24 +51,27 @@ def lenet5(num_classes: int = 10) -> nn.Module:
     )
 
 
-def mlp(num_classes: int = 10) -> nn.Module:
+def mlp(num_classes: int = 10, channels: int = 1, size: Size = (28, 28)) -> nn.Module:
     """A one-hidden-layer perceptron: the baseline any conv net has to beat."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(28 * 28, 256),
+        nn.Linear(channels * size[0] * size[1], 256),
         nn.ReLU(),
         nn.Linear(256, num_classes),
     )
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {"seed_cnn": seed_cnn, "lenet5": lenet5, "mlp": mlp}
+MODELS: dict[str, Callable[..., nn.Module]] = {"seed_cnn": seed_cnn, "lenet5": lenet5, "mlp": mlp}
 
 
-def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A freshly initialised model; initialisation draws from torch's global RNG."""
+def build_model(
+    name: str, num_classes: int = 10, channels: int = 1, size: Size = (28, 28)
+) -> nn.Module:
+    """A freshly initialised model for float inputs [N, channels, H, W] (size = (H, W)) and
+    `num_classes` logits; initialisation draws from torch's global RNG."""
     if name not in MODELS:
         raise PipelineError(f"unknown model {name!r}; valid choices: {', '.join(MODELS)}")
-    return MODELS[name](num_classes)
+    return MODELS[name](num_classes, channels, tuple(size))
 
 
 def count_parameters(model: nn.Module) -> int:

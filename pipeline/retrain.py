@@ -378,11 +378,12 @@ def champion_train_config(version: registry.Version) -> TrainConfig:
     """The train parameters the champion's own train run used.
 
     MLflow keeps params as text: each is read back as the YAML scalar it spells
-    (`128`, `True`, `0.001`; `none` is an unset lr or momentum).
+    (`128`, `True`, `0.001`; `none` is an unset lr or momentum, and scheduler `none`).
     """
     params = tracking.get_run(version.tags.get("source_run_id") or version.run_id).data.params
     err = configfile.FileErrors(f"champion v{version.version} params")
-    values = {k: _scalar(v) for k, v in params.items() if k in configfile.TRAIN_KEYS}
+    values = {k: v if k == "scheduler" else _scalar(v) for k, v in params.items()
+              if k in configfile.TRAIN_KEYS}  # fmt: skip
     return TrainConfig(**configfile.train_values(err, values, "train"))
 
 

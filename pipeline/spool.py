@@ -615,11 +615,40 @@ def _uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def submit(op: dict) -> None:
-    """Write `op` to the active run now, or keep it while the server is unreachable."""
+def submit(op: dict, write: Callable[[], object] | None = None) -> None:
+    """Write `op` to the active run now (with `write`, if given: the same write through
+    MLflow's own call), or keep it while the server is unreachable."""
     uri, run_id = _uri(), _active_run_id()
-    if _write_live(uri, run_id, lambda: _apply_live(op, run_id)) is _KEPT:
+    if _write_live(uri, run_id, write or (lambda: _apply_live(op, run_id))) is _KEPT:
         _keep(RunSpool(uri, run_id), op)
+
+
+def try_write(write: Callable[[], object]) -> bool:
+    """`write()` if the tracking server answers, in one attempt; False, and nothing kept,
+    if it does not. For writes outside a run (an experiment's tag) that are not worth
+    keeping."""
+    uri = _uri()
+    if not is_server(uri):
+        write()
+        return True
+    if _down is not None and time.monotonic() - _down_at <= PROBE_S:
+        return False
+    try:
+        with _no_http_retries():
+            write()
+    except Exception as exc:
+        if (reason := unreachable(exc)) is None:
+            raise
+        _mark_down(reason)
+        return False
+    return True
+
+
+def note_report(report: dict) -> None:
+    """Learn from the metric writer's report that the server is down: the run's next
+    writes are then kept without waiting on it first."""
+    if report.get("down"):
+        _mark_down(report["down"])
 
 
 _KEPT = object()  # what `_write_live` returns for a write it did not make
@@ -669,12 +698,21 @@ def _keep(spool: RunSpool, op: dict) -> None:
     spool.append(op)
 
 
+KEPT_MODEL = "pipeline-kept-model:"  # + name: a kept model's id, until it is logged
+
+
 class KeptModel:
     """A model saved in a run's spool; `model_uri` is "" until a replay in this process has
-    logged it (the run's end, once the server is back), then `models:/<id>`."""
+    logged it (the run's end, once the server is back), then `models:/<id>`. Its `model_id`
+    until then is a stand-in that metrics kept with it carry, replaced by the real id when
+    they are written."""
 
     def __init__(self, run_id: str, name: str) -> None:
         self.run_id, self.name = run_id, name
+
+    @property
+    def model_id(self) -> str:
+        return _replayed_models.get((self.run_id, self.name), KEPT_MODEL + self.name)
 
     @property
     def model_uri(self) -> str:
@@ -685,9 +723,16 @@ class KeptModel:
 _replayed_models: dict[tuple[str, str], str] = {}  # (run id, name) -> logged model id
 
 
-def keep_model(write: Callable[[], T], save: Callable[[str], None], name: str) -> T | KeptModel:
+def keep_model(
+    write: Callable[[], T],
+    save: Callable[[str], None],
+    name: str,
+    step: int = 0,
+    params: dict[str, str] | None = None,
+) -> T | KeptModel:
     """Log the model with `write`, or, while the server is unreachable, `save` it as an
-    MLflow model folder in the run's spool, to be logged as the run's model named `name`."""
+    MLflow model folder in the run's spool, to be logged later as the run's model `name`,
+    at global step `step`, with `params` (what `write` gives `log_model` too)."""
     uri, run_id = _uri(), _active_run_id()
     result = _write_live(uri, run_id, write)
     if result is not _KEPT:
@@ -696,7 +741,15 @@ def keep_model(write: Callable[[], T], save: Callable[[str], None], name: str) -
     path = spool.slot() / name
     save(str(path))
     _owner_only(path)
-    spool.append({"op": "model", "dir": str(path.relative_to(spool.folder)), "name": name})
+    spool.append(
+        {
+            "op": "model",
+            "dir": str(path.relative_to(spool.folder)),
+            "name": name,
+            "step": step,
+            "params": params or {},
+        }
+    )
     return KeptModel(run_id, name)
 
 
@@ -847,7 +900,7 @@ def apply(client, run_id: str, op: dict, folder: Path) -> None:
 
     kind = op["op"]
     if kind == "metrics":
-        metrics = [Metric(*p) for p in op["metrics"]]
+        metrics = [Metric(*_resolved(p, folder)) for p in op["metrics"]]
         for i in range(0, len(metrics), MAX_POINTS_PER_BATCH):
             client.log_batch(run_id, metrics=metrics[i : i + MAX_POINTS_PER_BATCH])
     elif kind == "params":
@@ -864,6 +917,18 @@ def apply(client, run_id: str, op: dict, folder: Path) -> None:
         client.set_terminated(run_id, op["status"], end_time=op["end_time"])
     else:
         raise PipelineError(f"unknown kept write {kind!r} in {folder}")
+
+
+def _resolved(point: list, folder: Path) -> list:
+    """`point` with a kept model's stand-in id (`KEPT_MODEL`) replaced by the id its replay
+    gave it; the model's op comes before any metric kept with it."""
+    if len(point) > 4 and isinstance(point[4], str) and point[4].startswith(KEPT_MODEL):
+        name = point[4][len(KEPT_MODEL) :]
+        for op in _read_lines(folder / OPS):
+            if op["op"] == "model" and op["name"] == name:
+                state = json.loads((folder / op["dir"]).parent.joinpath("state.json").read_text())
+                return [*point[:4], state["model_id"], *point[5:]]
+    return point
 
 
 def dataset_op(dataset, context: str, tags: dict[str, str]) -> dict:
@@ -899,18 +964,20 @@ def _apply_model(client, run_id: str, op: dict, folder: Path) -> None:
         state.update(kw)
         _write_private(state_path, json.dumps(state).encode())
 
+    step = op.get("step", 0)
     if "model_id" not in state:
         run = client.get_run(run_id)
         logged = client.create_logged_model(
             run.info.experiment_id,
             name=op["name"],
             source_run_id=run_id,
-            params={k: str(v) for k, v in run.data.params.items()},
+            params={**op.get("params", {}), **run.data.params},  # as Model.log merges them
         )
         record(model_id=logged.model_id, artifact_location=logged.artifact_location)
     model_id = state["model_id"]
     if not state.get("linked"):
-        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=step)])
+        _link_metrics_at_step(client, run_id, model_id, step)
         record(linked=True)
     if not state.get("uploaded"):
         mlmodel = Model.load(str(path))
@@ -922,6 +989,20 @@ def _apply_model(client, run_id: str, op: dict, folder: Path) -> None:
         record(uploaded=True)
     client.finalize_logged_model(model_id, "READY")
     _replayed_models[(run_id, op["name"])] = model_id
+
+
+def _link_metrics_at_step(client, run_id: str, model_id: str, step: int) -> None:
+    """The run's metrics at `step` that belong to no model become `model_id`'s too, as
+    `Model.log` does for a model logged at that step (its `log_model_metrics_for_step`)."""
+    from mlflow.entities import Metric
+
+    points = []
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            if m.step == step and m.model_id is None:
+                points.append(Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id))
+    for i in range(0, len(points), MAX_POINTS_PER_BATCH):
+        client.log_batch(run_id, metrics=points[i : i + MAX_POINTS_PER_BATCH])
 
 
 # --- pipeline sync ------------------------------------------------------------------------

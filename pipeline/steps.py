@@ -25,6 +25,7 @@ from pipeline.config import (
 )
 from pipeline.console import ConsoleReporter, Fanout
 from pipeline.data import (
+    check_image_options,
     class_counts,
     file_digest,
     load_prepared,
@@ -39,6 +40,7 @@ from pipeline.loop import Diverged, Evaluation, TrainState, evaluate, train_epoc
 from pipeline.losses import build_loss
 from pipeline.models import build_model, count_parameters, training_forward
 from pipeline.optimizers import build_optimizer, resolve_hparams
+from pipeline.schedulers import build_scheduler, check_scheduler, check_warmup
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,7 @@ def validate_prep(cfg: PrepConfig) -> None:
         raise PipelineError(
             f"dataset {quote(cfg.dataset)} is invalid; valid choices: {', '.join(DATASETS)}"
         )
-    for name in ("val_fraction", "test_fraction", "split_seed"):
-        check_range(name, getattr(cfg, name))
+    check_image_options(cfg)
     if not isinstance(cfg.data_dir, str):
         raise PipelineError(f"data_dir must be a string, got {quote(cfg.data_dir)}")
     # data_prep logs the prepared file's absolute path as a param
@@ -103,7 +104,7 @@ def validate_train(cfg: TrainConfig) -> tuple[float, float | None]:
     Ranges are config.RANGES's, so a value the CLI refuses is refused here too (the Python
     API, experiment files, retrain.yaml, a champion's params).
     """
-    for name in ("model", "loss", "device"):  # the optimizer: resolve_hparams below
+    for name in ("model", "loss", "device", "scheduler"):  # optimizer: resolve_hparams below
         if getattr(cfg, name) not in CHOICES[name]:
             raise PipelineError(f"unknown {name} {quote(getattr(cfg, name))}; valid choices: "
                                 f"{', '.join(CHOICES[name])}")  # fmt: skip
@@ -113,6 +114,7 @@ def validate_train(cfg: TrainConfig) -> tuple[float, float | None]:
     if not isinstance(cfg.data, str):
         raise PipelineError(f"data must be a string, got {quote(cfg.data)}")
     check_length("data", cfg.data, MAX_PARAM_VALUE)
+    check_scheduler(cfg)
     build_loss(cfg.loss, cfg.label_smoothing)
     resolve_device(cfg.device)
     lr, momentum = resolve_hparams(cfg.optimizer, cfg.lr, cfg.momentum)
@@ -162,8 +164,14 @@ def run_train(
     lr, momentum = validate_train(cfg)
     device = resolve_device(cfg.device)
     store = tracking.open_store_in_background()
-    path, digest = resolve_data(cfg.data)
-    data = load_prepared(path, digest)
+    try:
+        path, digest = resolve_data(cfg.data)
+        data = load_prepared(path, digest)
+        steps_per_epoch = -(-len(data.splits["train"].labels) // cfg.batch_size)
+        check_warmup(cfg, steps_per_epoch)
+    except PipelineError:
+        store.join()  # a store cut off half-way through its migrations is unusable
+        raise
     # Whole splits go to the device once; batches are then slices, never host copies.
     x = {s: to_model_input(split.images, device) for s, split in data.splits.items()}
     y = {s: split.labels.to(device) for s, split in data.splits.items()}
@@ -171,17 +179,17 @@ def run_train(
     writer = tracking.WriterProcess()  # its start-up overlaps the rest of ours
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.num_classes).to(device)
+    model = build_model(cfg.model, data.num_classes, data.channels, data.image_size).to(device)
     optimizer = build_optimizer(
         cfg.optimizer, list(model.parameters()), lr, momentum, cfg.weight_decay, device
     )
-    state = TrainState(model, optimizer, torch.Generator().manual_seed(cfg.seed))
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    state = TrainState(model, optimizer, torch.Generator().manual_seed(cfg.seed), scheduler)
     if cfg.compile:
         state.forward = torch.compile(model)
     else:
         state.forward = training_forward(model)  # same result, a fraction of the arithmetic
     loss_fn = build_loss(cfg.loss, cfg.label_smoothing)
-    steps_per_epoch = -(-len(y["train"]) // cfg.batch_size)
     tracking.import_end_of_run()
     store.join()
 
@@ -231,8 +239,11 @@ def run_train(
                     cfg.amp,
                 )
                 val = evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
+                # At the epoch's last global step, on train/*'s x axis; `epoch` lets the UI
+                # plot any metric against epochs instead.
                 tracker.log_metrics(
-                    {"val/loss": val.loss, "val/accuracy": val.accuracy}, state.epoch
+                    {"val/loss": val.loss, "val/accuracy": val.accuracy, "epoch": state.epoch},
+                    state.step,
                 )
                 if not math.isfinite(val.loss):  # logged train steps can miss it (log_every)
                     raise Diverged(state.step, val.loss, "val/loss")
@@ -243,9 +254,18 @@ def run_train(
         info = None
         if diverged is None:
             test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
-            tracking.log_evaluation("test", test, data.classes, step=state.step)
             example = to_model_input(data.splits["test"].images[:2]).numpy()
-            info = tracking.log_model(model.cpu(), example)
+            # Every point written first: log_model attaches to the model the run's metrics
+            # at its step (the last step's train/*, val/*, epoch), whichever got there.
+            run.flush()
+            model_params = {k: "none" if v is None else v for k, v in params.items()}
+            info = tracking.log_model(
+                model.cpu(), example, classes=data.classes, step=state.step, params=model_params
+            )
+            # The model first: its test metrics and test split are then the model's too.
+            test_split = tracking.split_dataset(path, digest, data.source, "test")
+            tracking.log_evaluation("test", test, data.classes, state.step, info.model_id,
+                                    test_split)  # fmt: skip
             tracking.set_tags({DIVERGED_TAG: "false"})
         else:
             test = _diverged(diverged)
@@ -339,6 +359,7 @@ def reusable_prep(prep: PrepConfig, experiment_id: str) -> PrepResult | None:
 
 def run_main(prep: PrepConfig, train: TrainConfig) -> TrainResult:
     """data_prep then train as child runs of one parent; a matching data_prep run is reused."""
+    validate_prep(prep)
     validate_train(train)
     with tracking.start_run("main", f"main-{train.run_name}") as parent:
         tracking.log_params(prep.params() | _requested(train))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -209,6 +210,7 @@ def _run_in_processes(
     """`parallel` `pipeline trial` processes at a time, each logging to its own file.
 
     If the sweep itself is interrupted, the running trials get SIGTERM, so they end KILLED.
+    The trials' output goes to the parent run (`trial_logs/<trial>.log`), not left in /tmp.
     """
     logs = Path(tempfile.mkdtemp(prefix="pipeline-sweep-"))
     queue, running, outcomes = list(trials), {}, []
@@ -228,7 +230,23 @@ def _run_in_processes(
             proc.terminate()
         for proc in running:
             proc.wait(timeout=60)
+        _keep_logs(logs, parent_id)
     return outcomes
+
+
+def _keep_logs(logs: Path, parent_id: str) -> None:
+    """Attach the trials' output to the parent run, then remove the temporary folder.
+
+    The output is what explains a failed trial; a store that cannot take it (a server that
+    is down) costs the logs, never the sweep.
+    """
+    try:
+        if any(logs.iterdir()):
+            tracking.log_artifacts_to(parent_id, logs, "trial_logs")
+    except Exception as exc:  # noqa: BLE001 - the logs are a courtesy
+        print(f"sweep: trial logs not kept in the run: {first_line(exc)}", file=sys.stderr)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def _spawn(
@@ -268,7 +286,8 @@ def _collect(trial: Trial, returncode: int, log: Path) -> Outcome:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("Error:")]
     reason = (errors or lines or [f"exit status {returncode}"])[-1]
-    sys.stderr.write(f"--- {trial.name} failed (exit {returncode}); log {log}:\n")
+    kept = f"the sweep run's trial_logs/{log.name}"
+    sys.stderr.write(f"--- {trial.name} failed (exit {returncode}); whole log in {kept}:\n")
     sys.stderr.write("\n".join(lines[-15:]) + "\n")
     return Outcome(trial, "failed", message=reason[:200])
 

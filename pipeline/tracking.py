@@ -292,6 +292,7 @@ class Run:
             self.process = None
         if self._writer is not None:
             self._writer.close(wait_s)
+            spool.note_report(self._writer.report)
             return self._writer.report
         return {}
 
@@ -446,6 +447,8 @@ def start_run(
                 run = Run(active.info.run_id, active.info.experiment_id, writer_process)
             name = {} if users_name else {"mlflow.runName": run_name}
             set_tags(name | {STEP_TAG: step, **version_tags()})
+            # The experiment's tag, not the run's: nothing to keep if the server is down.
+            spool.try_write(lambda: mark_model_training(run.experiment_id))
             yield run
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -657,15 +660,21 @@ def set_tags(tags: dict[str, str]) -> None:
 
 def log_prepared_data(path: Path, digest: str, splits: dict[str, int], source: str, counts) -> None:
     """The prepared file as an artifact, each split as a dataset input, class counts as JSON."""
+    log_artifact(path, artifact_path="data")
+    log_dict(counts, "class_counts.json")
+    for split, size in splits.items():
+        dataset = split_dataset(path, digest, source, split)
+        spool.submit(spool.dataset_op(dataset, split, {"size": str(size)}))
+
+
+def split_dataset(path: Path, digest: str, source: str, split: str):
+    """One split of a prepared file as an MLflow dataset: `<file stem>/<split>`, named and
+    digested alike wherever it is logged (data_prep's inputs, a model's test metrics)."""
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    log_artifact(path, artifact_path="data")
-    log_dict(counts, "class_counts.json")
     src = HTTPDatasetSource(source) if source.startswith("http") else _local_source(path)
-    for split, size in splits.items():
-        ds = MetaDataset(source=src, name=f"{path.stem}/{split}", digest=digest[:16])
-        spool.submit(spool.dataset_op(ds, split, {"size": str(size)}))
+    return MetaDataset(source=src, name=f"{path.stem}/{split}", digest=digest[:16])
 
 
 def _local_source(path: Path):
@@ -709,8 +718,29 @@ def finished_runs(
     )
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# The kind the MLflow UI (3.x) opens on the runs table for; it opens an experiment without
+# a kind, or with a GenAI one, on its GenAI overview. Values from the UI's ExperimentKind.
+MODEL_TRAINING = "custom_model_development"
+
+
+def mark_model_training(experiment_id: str, tags: dict[str, str] | None = None) -> None:
+    """Tag the experiment as model training, so the MLflow UI opens it on its runs.
+
+    `tags`: the experiment's tags, when the caller has them (saves a request). A kind the
+    UI only guessed (`*_inferred`, `no_inferred_type`) is replaced; one somebody chose is
+    left as it is.
+    """
+    client = MlflowClient()
+    if tags is None:
+        tags = client.get_experiment(experiment_id).tags
+    kind = tags.get(EXPERIMENT_KIND_TAG)
+    if kind is None or kind.endswith("_inferred") or kind == "no_inferred_type":
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 def ensure_experiment(name: str) -> str:
-    """The id of experiment `name`, created now if missing.
+    """The id of experiment `name`, created now if missing, marked as model training.
 
     Created up front by the one sweep process: several processes calling `set_experiment`
     for a new name race, and all but one end up logging to "Default".
@@ -723,13 +753,15 @@ def ensure_experiment(name: str) -> str:
                 f"experiment {name!r} is deleted; restore it (mlflow experiments restore) "
                 "or choose another name"
             )
+        mark_model_training(found.experiment_id, found.tags)
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except mlflow.exceptions.MlflowException:
         found = client.get_experiment_by_name(name)  # another process created it first
         if found is None:
             raise
+        mark_model_training(found.experiment_id, found.tags)
         return found.experiment_id
 
 
@@ -914,13 +946,55 @@ def prepared_file_of(run_id: str) -> tuple[Path, str]:
     return path, digest
 
 
-def log_evaluation(prefix: str, ev, classes: list[str], step: int) -> None:
-    """Final metrics, per-class accuracy and the confusion matrix as a figure and JSON."""
+# Class names end metric keys (`challenger/test/class_accuracy/<name>`, 31 characters before
+# the name) that MLflow caps at 250 characters.
+MAX_CLASS_KEY = 200
+_NOT_KEY_CHARS = re.compile(r"[^\w.\- :]")  # MLflow's key characters, less "/"
+
+
+def class_metric_names(classes: list[str]) -> list[str]:
+    """Each class name as it ends a metric key (`test/class_accuracy/<name>`), one per class.
+
+    Every character other than letters, digits, `_ - . :` and space becomes `_`: `/` too,
+    which MLflow allows but its UI splits into sections (`T-shirt/top` -> `T-shirt_top`); a
+    name of only dots (`.`, `..`, a path step MLflow refuses) becomes underscores; names are
+    cut to 200 characters (MLflow's keys take 250). A name that would repeat an earlier
+    one gets `_2`, `_3`, ... in class order. The real names stay everywhere else.
+    """
+    names: list[str] = []
+    for name in classes:
+        base = _NOT_KEY_CHARS.sub("_", name)[:MAX_CLASS_KEY]
+        base = "_" * len(base) if not base.strip(".") else base
+        key, n = base, 1
+        while key in names:
+            n += 1
+            key = f"{base[: MAX_CLASS_KEY - len(str(n)) - 1]}_{n}"
+        names.append(key)
+    return names
+
+
+def log_evaluation(
+    prefix: str, ev, classes: list[str], step: int, model_id: str | None = None, dataset=None
+) -> None:
+    """Final metrics, per-class accuracy and the confusion matrix as a figure and JSON.
+
+    Per-class keys are `<prefix>/class_accuracy/<class_metric_names(classes)[i]>`; the JSON
+    pairs each real class name with its metric name. With `model_id` (a logged model's,
+    `log_model(...).model_id`) the metrics are that model's too, and with `dataset`
+    (`split_dataset`) they name the data they were measured on, which is logged as an input
+    of the run: the UI's Models tab then shows both.
+    """
     metrics = {f"{prefix}/loss": ev.loss, f"{prefix}/accuracy": ev.accuracy}
-    for name, acc in zip(classes, ev.per_class_accuracy(), strict=True):
-        metrics[f"{prefix}/class_accuracy/{name}"] = acc
-    log_metrics(metrics, step=step)
-    log_dict({"classes": classes, "matrix": ev.confusion}, f"{prefix}_confusion.json")
+    keys = class_metric_names(classes)
+    for key, acc in zip(keys, ev.per_class_accuracy(), strict=True):
+        metrics[f"{prefix}/class_accuracy/{key}"] = acc
+    if dataset is not None:
+        spool.submit(spool.dataset_op(dataset, prefix, {}))
+    log_metrics(metrics, step=step, model_id=model_id, dataset=dataset)
+    log_dict(
+        {"classes": classes, "metric_names": keys, "matrix": ev.confusion},
+        f"{prefix}_confusion.json",
+    )
     figure = _confusion_figure(ev.confusion, classes)
     _log_file(figure.savefig, f"{prefix}_confusion_matrix.png")
 
@@ -954,8 +1028,24 @@ def _confusion_figure(matrix: list[list[int]], classes: list[str]):
     return fig
 
 
-def log_model(model, example, *, registered_model_name: str | None = None):
+def log_model(
+    model,
+    example,
+    *,
+    classes: list[str] | None = None,
+    registered_model_name: str | None = None,
+    step: int = 0,
+    params: dict[str, object] | None = None,
+):
     """Log the model as a pt2 (torch.export) artifact, loadable by pyfunc and servable.
+
+    `example` is a float32 batch [N, C, H, W] as the model takes it; the signature records
+    its shape. `classes` (the name of each logit, in order) goes into the model's metadata
+    (`MLmodel`), with a description of the input: `get_model_info(uri).metadata["classes"]`.
+    `step`: the global step the weights are from; MLflow attaches to the model any metric
+    later logged at that step without a model id, so the run's step-0 metrics (`time/*`,
+    the first system metrics sample) stay the run's. `params` (as strings, `None` as
+    "none") are the model's own params in the UI's Models tab.
 
     pip requirements are given explicitly: inferring them imports the model in a
     subprocess and costs seconds on every run. They pin the versions the model ran with and,
@@ -987,20 +1077,51 @@ def log_model(model, example, *, registered_model_name: str | None = None):
             signature=infer_signature(example, output),
             input_example=example,
             pip_requirements=requirements,
+            metadata=_model_metadata(example, classes),
         )
+        logged = dict(step=step, params=None if params is None else _strings(params))
         if registered_model_name is not None:  # registering needs the server now: never kept
             return mlflow.pytorch.log_model(
-                model, name="model", registered_model_name=registered_model_name, **kwargs
+                model, name="model", registered_model_name=registered_model_name, **kwargs, **logged
             )
         return spool.keep_model(
-            lambda: mlflow.pytorch.log_model(model, name="model", **kwargs),
+            lambda: mlflow.pytorch.log_model(model, name="model", **kwargs, **logged),
             lambda path: mlflow.pytorch.save_model(model, path, **kwargs),
             "model",
+            **logged,
         )
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Metrics of the active run at `step` (0 if None), stamped now."""
+def _model_metadata(example, classes: list[str] | None) -> dict[str, object]:
+    """What the served model's numbers mean: the input it takes and the name of each logit."""
+    _, c, h, w = example.shape
+    metadata: dict[str, object] = {
+        "input": f"float32 [N, {c}, {h}, {w}]: pixels / 255, then (x - 0.5) / 0.5",
+        "output": "float32 [N, classes] logits; classes[i] names logit i",
+    }
+    if classes is not None:
+        metadata["classes"] = list(classes)
+    return metadata
+
+
+def _strings(params: dict[str, object]) -> dict[str, str]:
+    return {k: str(v) for k, v in params.items()}
+
+
+def log_metrics(
+    metrics: dict[str, float], step: int | None = None, model_id: str | None = None, dataset=None
+) -> None:
+    """Metrics of the active run at `step` (0 if None), stamped now; with `model_id` those of
+    that logged model too, with `dataset` (an MLflow dataset) measured on it."""
+    run_id = mlflow.active_run().info.run_id
     ts = int(time.time() * 1000)
-    points = [[k, float(v), ts, step or 0] for k, v in metrics.items()]
-    spool.submit({"op": "metrics", "metrics": points})
+    named = (dataset.name, dataset.digest) if dataset is not None else (None, None)
+    points = [[k, float(v), ts, step or 0, model_id, *named] for k, v in metrics.items()]
+    spool.submit(
+        {"op": "metrics", "metrics": points},
+        # run_id given, so MLflow reads the run as it is now (with its model and input)
+        # instead of the active run's stale copy, and links neither a second time.
+        lambda: mlflow.log_metrics(
+            metrics, step=step, run_id=run_id, model_id=model_id, dataset=dataset
+        ),
+    )

@@ -132,7 +132,7 @@ def test_divergence_between_logged_steps_is_found_by_the_validation_loss(
     client = MlflowClient()
     assert client.get_metric_history(result.run_id, "train/loss") == []
     (val,) = client.get_metric_history(result.run_id, "val/loss")
-    assert val.step == 1 and math.isnan(val.value)
+    assert val.step == STEPS_PER_EPOCH and math.isnan(val.value)
     tags = client.get_run(result.run_id).data.tags
     assert tags["pipeline.diverged_at_step"] == str(STEPS_PER_EPOCH)
 

@@ -240,7 +240,9 @@ def test_promote_keep_promote_over_http_registry(mlflow_server, tmp_path):
     proc = run_cli("champion", NAME, cwd=tmp_path, check=True)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(f"{NAME}: champion v3 since ")
-    rows = [line.split("  ") for line in lines[2:]]
+    rows = [line.split(None, 7) for line in lines[2:]]  # aligned columns, then the reason
+    starts = {(line.index(r[0]), line.index(r[1])) for line, r in zip(lines[2:], rows, strict=True)}
+    assert starts == {(0, lines[1].index("decision"))}  # the columns line up under the header
     assert [(r[0], r[1], r[6]) for r in rows] == [
         ("v1", "promote", "none"), ("v2", "keep", "1"), ("v3", "promote", "1")
     ]  # fmt: skip

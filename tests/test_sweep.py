@@ -240,7 +240,10 @@ def _by_step(client: MlflowClient, experiment_id: str) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_parallel_sweep_against_a_tracking_server(mlflow_server, tmp_path):
+def test_parallel_sweep_against_a_tracking_server(mlflow_server, tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"  # the sweep's own temporary folder, to see what it leaves there
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
     path = _write(
         tmp_path,
         """
@@ -271,7 +274,8 @@ grid: {optimizer: [adam, sgd, adagrad], loss: [mse]}
         assert run.data.params["data_digest"] == prep.data.params["data_digest"]
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert sorted(steps) == list(range(5, STEPS_PER_EPOCH + 1, 5))
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1]
+        val = client.get_metric_history(run.info.run_id, "val/accuracy")
+        assert [m.step for m in val] == [STEPS_PER_EPOCH]  # the epoch's last global step
         assert "test/accuracy" in run.data.metrics
     # Two trials ran at the same time.
     spans = sorted((r.info.start_time, r.info.end_time) for r in trials)
@@ -288,6 +292,10 @@ grid: {optimizer: [adam, sgd, adagrad], loss: [mse]}
     assert {r["run_id"] for r in rows} == {r.info.run_id for r in trials}
     assert "optimizer" in rows[0] and "epochs" not in rows[0]  # only the params that vary
     assert "ranked by test/accuracy (max)" in proc.stdout
+    # Each trial's output went to the parent run, and no folder was left behind.
+    logs = {a.path for a in client.list_artifacts(parent.info.run_id, "trial_logs")}
+    assert logs == {f"trial_logs/{r.info.run_name}.log" for r in trials}
+    assert not list(tmp.glob("pipeline-*"))
 
 
 @pytest.mark.slow

@@ -44,7 +44,12 @@ def test_train_logs_params_curves_evaluation_and_model(tracking, sample_file):
     for key in ("train/loss", "train/accuracy", "train/lr"):
         history = client.get_metric_history(result.run_id, key)
         assert sorted(m.step for m in history) == list(range(1, steps + 1)), key
-    assert [m.step for m in client.get_metric_history(result.run_id, "val/accuracy")] == [1]
+    # val/* and epoch at the epoch's last global step, on train/*'s x axis
+    for key in ("val/accuracy", "val/loss"):
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [steps]
+    assert [(m.step, m.value) for m in client.get_metric_history(result.run_id, "epoch")] == [
+        (steps, 1.0)
+    ]
     metrics = run.data.metrics
     assert metrics["test/accuracy"] == pytest.approx(result.test_accuracy)
     assert metrics["test/accuracy"] > 0.8

@@ -26,7 +26,7 @@ from pipeline.steps import validate_prep, validate_train
 
 from .conftest import ROOT, assert_one_line_error, run_cli
 
-PREP_FIELDS = ("val_fraction", "test_fraction", "split_seed")
+PREP_FIELDS = ("val_fraction", "test_fraction", "split_seed", "image_size")
 # (field, value as YAML, value on the command line, what the message says); each bad value
 # on every entry: CLI, experiment file (base, grid, runs), retrain.yaml, Python API.
 BAD = [
@@ -42,6 +42,13 @@ BAD = [
     ("label_smoothing", ".nan", "nan", "label_smoothing must be a finite number in [0, 1)"),
     ("label_smoothing", "5", "5", "label_smoothing must be in [0, 1), got 5"),
     ("label_smoothing", "1", "1", "label_smoothing must be in [0, 1), got 1"),
+    ("warmup_steps", "-1", "-1", "warmup_steps must be >= 0, got -1"),
+    ("step_size", "0", "0", "step_size must be >= 1, got 0"),
+    ("gamma", "0", "0", "gamma must be in (0, 1], got 0"),
+    ("gamma", "1.5", "1.5", "gamma must be in (0, 1], got 1.5"),
+    ("gamma", ".nan", "nan", "gamma must be a finite number in (0, 1]"),
+    ("eta_min_fraction", "2", "2", "eta_min_fraction must be between 0 and 1, got 2"),
+    ("pct_start", "1", "1", "pct_start must be between 0 and 1 (exclusive), got 1"),
     ("epochs", "0", "0", "epochs must be >= 1, got 0"),
     ("batch_size", "-3", "-3", "batch_size must be >= 1, got -3"),
     ("log_every", "0", "0", "log_every must be >= 1, got 0"),
@@ -57,6 +64,8 @@ BAD = [
     ("test_fraction", "-.inf", "-inf", "test_fraction must be a finite number between 0 and 1"),
     ("split_seed", "-1", "-1", "split_seed must be between 0 and 18446744073709551615"),
     ("split_seed", "1e30", None, "split_seed must be an integer, got '1e30'"),
+    ("image_size", "11", "11", "image_size must be between 12 and 1024, got 11"),
+    ("image_size", "1025", "1025", "image_size must be between 12 and 1024, got 1025"),
 ]  # fmt: skip
 TRAIN_BAD = [b for b in BAD if b[0] not in PREP_FIELDS]
 CLI_BAD = [b for b in BAD if b[2] is not None]  # click reads 1e30 as no integer: its message
@@ -67,9 +76,19 @@ def _ids(cases: list[tuple]) -> list[str]:
     return [f"{c[0]}={(c[2] or c[1])[:24]}" for c in cases]
 
 
+NEEDS = {
+    "momentum": {"optimizer": "momentum"},
+    "step_size": {"scheduler": "step"},
+    "gamma": {"scheduler": "step"},
+    "eta_min_fraction": {"scheduler": "cosine"},
+    "pct_start": {"scheduler": "onecycle"},
+}
+
+
 def _needs(field: str) -> dict[str, str]:
-    """What makes `field` apply at all: momentum needs an optimizer that takes one."""
-    return {"optimizer": "momentum"} if field == "momentum" else {}
+    """What makes `field` apply at all: momentum needs an optimizer that takes one, a
+    schedule's parameter its schedule."""
+    return NEEDS.get(field, {})
 
 
 def _write(tmp_path: Path, text: str | bytes, name: str = "exp.yaml") -> Path:
