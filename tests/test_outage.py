@@ -125,10 +125,15 @@ def test_every_kind_of_kept_write_is_written_in_order(tracking, tmp_path, spool_
     model_dir = kept.slot() / "model"
     example = np.zeros((2, 1, 28, 28), dtype=np.float32)
     mlflow.pytorch.save_model(build_model("seed_cnn"), str(model_dir), input_example=example)
-    kept.append({"op": "model", "dir": str(model_dir.relative_to(kept.folder)), "name": "model"})
+    kept.append(
+        {"op": "model", "dir": str(model_dir.relative_to(kept.folder)), "name": "model",
+         "step": 58, "params": {"model": "seed_cnn"}}
+    )  # fmt: skip
+    stand_in = spool.KEPT_MODEL + "model"  # what tracking.log_evaluation got as model_id
+    kept.append({"op": "metrics", "metrics": [["test/loss", 0.3, 1_700_000_000_001, 58, stand_in]]})
     kept.append({"op": "end", "status": "KILLED", "end_time": 1_700_000_100_000})
     assert kept.summary() == (
-        "1 metric point, 2 params, 2 tags, 1 artifact, 1 dataset input, 1 model, "
+        "2 metric points, 2 params, 2 tags, 1 artifact, 1 dataset input, 1 model, "
         "the end status KILLED"
     )
 
@@ -148,6 +153,9 @@ def test_every_kind_of_kept_write_is_written_in_order(tracking, tmp_path, spool_
     (output,) = run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
     assert model.status == LoggedModelStatus.READY and model.source_run_id == run_id
+    # The metric at the model's step logged before it, and the one kept with its stand-in
+    # id after it, are the model's, as when it is logged live.
+    assert {m.key for m in model.metrics} == {"test/accuracy", "test/loss"}
     served = mlflow.pyfunc.load_model(f"models:/{output.model_id}").predict(example)
     assert np.asarray(served).shape == (2, 10)
 
@@ -246,7 +254,8 @@ def _assert_complete(uri: str, run_id: str, epochs: int) -> None:
     for key in ("train/loss", "train/accuracy", "train/lr"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == steps, key
     val = client.get_metric_history(run_id, "val/accuracy")
-    assert sorted(m.step for m in val) == list(range(1, epochs + 1))
+    epoch_ends = [e * STEPS_PER_EPOCH for e in range(1, epochs + 1)]  # at the global step
+    assert sorted(m.step for m in val) == epoch_ends
     assert "test/accuracy" in run.data.metrics and "time/loop_seconds" in run.data.metrics
     assert run.data.params["optimizer"] == "adam" and run.data.tags["device"] == "cpu"
     artifacts = {a.path for a in client.list_artifacts(run_id)}
@@ -254,6 +263,8 @@ def _assert_complete(uri: str, run_id: str, epochs: int) -> None:
     (output,) = run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
     assert model.status == LoggedModelStatus.READY and model.source_run_id == run_id
+    # The test metrics are the model's, as when it is logged live (tracking.log_evaluation).
+    assert "test/accuracy" in {m.key for m in model.metrics}
 
 
 @pytest.mark.slow
