@@ -1,5 +1,6 @@
 """The `pipeline` command: prep, train, main and retrain, as the MLproject entry points call
-them, and champion, which shows a registered model's champion and its history."""
+them, champion, which shows a registered model's champion and its history, and sync, which
+writes what runs kept while their tracking server was unreachable."""
 
 from __future__ import annotations
 
@@ -151,8 +152,16 @@ def _train_config(data: str, compile_: bool, **kwargs) -> TrainConfig:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Train PyTorch image classifiers and track them with MLflow."""
+    if ctx.invoked_subcommand != "sync" and "--help" not in sys.argv and "-h" not in sys.argv:
+        from pipeline import store
+        from pipeline.spool import check_settings, sync_quietly
+
+        check_settings()
+        # Writes that earlier commands kept for an unreachable server (see `sync`).
+        sync_quietly(store.uri())
 
 
 @cli.command(short_help="Split a data set into train/val/test and log it.")
@@ -321,6 +330,26 @@ def trial(spec: str) -> None:
     run_trial_spec(spec)
 
 
+@cli.command()
+def sync() -> None:
+    """sync: write what runs kept while the tracking server was unreachable.
+
+    Runs keep, in ~/.cache/pipeline/spool (or $PIPELINE_SPOOL_DIR), every write the tracking
+    server of MLFLOW_TRACKING_URI did not take; this writes them, in order, with each run's
+    final status, and removes them. Exits 1 if the server is still unreachable.
+    """
+    from pipeline import spool, store, tracking
+
+    uri = tracking.tracking_uri()
+    lines, left = spool.sync(uri)
+    for line in lines:
+        click.echo(line)
+    if not lines:
+        click.echo(f"sync: nothing kept for {store.redact(uri)}")
+    elif left:
+        click.echo(f"sync: {left} run(s) still being written by their process; run sync later")
+
+
 def entry() -> None:
     """Run the CLI; every error is one line on stderr and a non-zero exit status.
 
@@ -361,17 +390,18 @@ def _main() -> int:
             return _interrupted()
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
         return _fail(message, getattr(exc, "exit_code", 1))
-    except OSError as exc:
-        if signals.received() is not None:
+    except Exception as exc:
+        if signals.received() is not None:  # e.g. a library wrapped our exception in its own
             return _interrupted()
-        if exc.filename is None:  # not about a path the user gave: a bug, show where
+        from pipeline.spool import explain
+
+        # A full disk or an unreachable tracking server: the path or the server, and why.
+        if (message := explain(exc)) is not None:
+            return _fail(message, 1)
+        if not isinstance(exc, OSError) or exc.filename is None:  # a bug: show where
             return _traceback()
         # A folder that is a file, a path that cannot be created or read: the path and why.
         return _fail(f"{exc.filename}: {exc.strerror or exc}", 1)
-    except Exception:
-        if signals.received() is not None:  # e.g. a library wrapped our exception in its own
-            return _interrupted()
-        return _traceback()
     if signals.received() is not None:  # its exception was swallowed, but it still counts
         return _interrupted()
     return code if isinstance(code, int) else 0

@@ -337,8 +337,13 @@ def save_prepared(data: Prepared, path: Path) -> str:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the finished file is ordinary data
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        # A failed write names no file ("No space left on device", alone), and torch.save
+        # reports it as a RuntimeError raised while handling it: say where.
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        if isinstance(cause, OSError) and cause.errno and cause.filename is None:
+            raise OSError(cause.errno, cause.strerror, str(path)) from exc
         raise
     return file_digest(path)
 

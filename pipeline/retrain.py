@@ -232,6 +232,11 @@ def _retrain_locked(cfg: RetrainConfig, params_from: str, fail_after: str | None
         _checkpoint("train", fail_after)
         if trained.diverged_at is not None:
             return _keep_diverged(cfg, trained, before, parent.run_id, prepared.digest)
+        if not trained.model_uri:  # kept in the spool: the registry needs it on the server
+            raise PipelineError(
+                f"the challenger (run {trained.run_id}) could not be logged to the tracking "
+                "server; nothing was registered; run `pipeline sync`, then retrain again"
+            )
         scores = _evaluate_both(cfg, trained.model_uri, prepared.path, before)
         _checkpoint("evaluate", fail_after)
         lineage = {"data_digest": prepared.digest, "data_prep_run_id": prepared.run_id,

@@ -62,7 +62,7 @@ class TrainResult:
     run_id: str
     test_loss: float
     test_accuracy: float
-    model_uri: str | None
+    model_uri: str | None  # None: diverged, no model; "": kept for an unreachable server
     model: torch.nn.Module  # the trained network, on the CPU
     diverged_at: int | None = None  # global step of the first loss that was not finite
 
@@ -282,11 +282,11 @@ def run_train(
                 "time/samples_per_second": samples / loop_seconds,
             }
         )
-    model_uri = info.model_uri if info is not None else None
+    model_uri = info.model_uri if info is not None else None  # "" while kept: spool.KeptModel
     if diverged is None:
         print(
             f"train: test/loss={test.loss:.4f} test/accuracy={test.accuracy:.4f} "
-            f"run_id={run.run_id} model={model_uri}"
+            f"run_id={run.run_id} model={model_uri or '(kept for pipeline sync)'}"
         )
     else:
         print(

@@ -1,7 +1,9 @@
 """Every MLflow tracking call of the project lives here (registry calls: registry.py).
 
 The loop reports to `MlflowTracker`, which queues points for a helper process that writes
-them with `log_batch`, so per-step logging costs the training thread a list append.
+them with `log_batch`, so per-step logging costs the training thread a list append. Every
+write of a run goes through `pipeline.spool`, which keeps it while a tracking server is
+unreachable and writes it once the server is back.
 
 This module must not import torch at the top: the helper process imports it, and only
 needs MLflow.
@@ -32,11 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import pipeline
-from pipeline import signals, store
+from pipeline import signals, spool, store
 from pipeline.errors import PipelineError, first_line
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ CODE_VERSION_TAG = "pipeline.code_version"
 SWEEP_FILE_TAG = "pipeline.sweep_file_sha256"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default of 10 s leaves short runs with no samples
+spool.configure()
 
 
 def code_version() -> str:
@@ -101,17 +103,22 @@ class WriterProcess:
             stderr=self.stderr,
         )
 
-    def finish(self) -> str | None:
-        """End of input; wait for the process to write the rest. Returns its error, if any."""
+    def finish(self) -> dict:
+        """End of input; wait for the process to write the rest (or keep it, see
+        `spool.PointQueue.close`). Returns its report: {"error": ...} if a write failed,
+        {"kept": N, "folder": ...} if N points were kept for a server that did not answer."""
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
         code = self.proc.wait()
+        out = self.proc.stdout.read().decode(errors="replace").strip().splitlines()
+        self.proc.stdout.close()
         self.stderr.seek(0)
         lines = self.stderr.read().decode(errors="replace").strip().splitlines()
         self.stderr.close()
-        if code == 0:
-            return None
-        return lines[-1] if lines else f"writer process exited with status {code}"
+        report = json.loads(out[-1]) if out and out[-1].startswith("{") else {}
+        if code != 0 and "error" not in report:
+            report["error"] = lines[-1] if lines else f"writer process exited with status {code}"
+        return report
 
 
 class MetricWriter:
@@ -129,6 +136,9 @@ class MetricWriter:
         self._process = process or WriterProcess()
         self._queue: queue.SimpleQueue[list[Point] | None] = queue.SimpleQueue()
         self._closed = False
+        self._broken = False  # the process is gone: its report says why
+        self._wait_s = 0.0
+        self.report: dict = {}
         proc = self._process.proc
         try:
             pickle.dump((mlflow.get_tracking_uri(), run_id), proc.stdin)
@@ -138,22 +148,32 @@ class MetricWriter:
             ready = b""
         if ready != READY:
             self._closed = True
-            raise PipelineError(f"logging metrics to MLflow failed: {self._process.finish()}")
+            error = self._process.finish().get("error", "the writer process did not start")
+            raise PipelineError(f"logging metrics to MLflow failed: {error}")
         self._thread = threading.Thread(target=self._feed, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
     def put(self, points: list[Point]) -> None:
+        """Queue points; raises PipelineError once the writer has stopped on an error (a full
+        disk, a deleted run), so a run whose points cannot be written stops early."""
+        if self._broken and not self._closed:
+            self.close()
         self._queue.put(points)
 
     def _feed(self) -> None:
         stdin = self._process.proc.stdin
-        with contextlib.suppress(OSError):  # the process died: close() reports why
+        try:
             while (item := self._queue.get()) is not None:
                 batch, done = self._drain(list(item))
                 pickle.dump(batch, stdin, protocol=pickle.HIGHEST_PROTOCOL)
                 stdin.flush()
                 if done:
                     break
+            # How long the process may wait for an unreachable server before keeping the rest.
+            pickle.dump(("close", self._wait_s), stdin)
+            stdin.flush()
+        except OSError:  # the process stopped on an error: close() reports it
+            self._broken = True
 
     def _drain(self, batch: list[Point]) -> tuple[list[Point], bool]:
         """Add whatever else is queued already; True once the end marker was taken."""
@@ -167,27 +187,35 @@ class MetricWriter:
             batch.extend(item)
         return batch, False
 
-    def close(self) -> None:
-        """Write everything queued so far, then stop; raises if any write failed.
+    def close(self, wait_s: float = 0.0) -> None:
+        """Write everything queued so far, then stop; raises if any write failed. Points a
+        tracking server did not take within `wait_s` s are kept (`self.report["kept"]`).
 
         Closing again does nothing.
         """
         if self._closed:
             return
         self._closed = True
+        self._wait_s = wait_s
         self._queue.put(None)
         self._thread.join()
-        error = self._process.finish()
-        if error is not None:
-            raise PipelineError(f"logging metrics to MLflow failed: {error}")
+        self.report = self._process.finish()
+        if "error" in self.report:
+            raise PipelineError(f"logging metrics to MLflow failed: {self.report['error']}")
 
 
 def _writer_main() -> None:
-    """The helper process: open the run named on stdin, then log every pickled batch."""
+    """The helper process: open the run named on stdin, then log every pickled batch.
+
+    The last message is ("close", seconds): how long to wait for an unreachable server
+    before keeping what is left in the run's spool. The report goes to stdout as JSON.
+    """
     # Signals are for the parent, which ends this process by closing stdin: a Ctrl-C, a
     # SIGTERM or a closed terminal must not drop the points still in the pipe.
     for sig in signals.STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # The queue retries under its own time budget; MLflow's retries would last minutes.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     # What opening a store imports, done while the parent is still busy: then the parent's
     # wait for READY is only the connection itself.
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
@@ -197,19 +225,25 @@ def _writer_main() -> None:
         tracking_uri, run_id = pickle.load(stdin)
     except EOFError:
         os._exit(0)  # started ahead, never used
-    client = MlflowClient(tracking_uri)
+    points = spool.PointQueue(MlflowClient(tracking_uri), tracking_uri, run_id)
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
-    while True:
+    wait_s = spool.wait_seconds()  # input ends without ("close", s): the parent died
+    while points.fatal is None:
         try:
-            points = pickle.load(stdin)
-        except EOFError:
+            message = pickle.load(stdin)
+        except (EOFError, pickle.UnpicklingError):
             break
-        metrics = [Metric(*p) for p in points]
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+        if isinstance(message, tuple):
+            wait_s = message[1]
+            break
+        points.put(message)
+    report = points.close(wait_s)
+    sys.stdout.buffer.write(json.dumps(report).encode() + b"\n")
+    sys.stdout.buffer.flush()
     sys.stderr.flush()
-    os._exit(0)  # everything is committed; the interpreter's teardown would only add ~1 s
+    # Everything is committed or kept; the interpreter's teardown would only add ~1 s.
+    os._exit(1 if "error" in report else 0)
 
 
 class MlflowTracker:
@@ -250,13 +284,17 @@ class Run:
             self._writer = MetricWriter(self.run_id, process)
         return MlflowTracker(self._writer)
 
-    def flush(self) -> None:
-        """Wait until every queued point is written; raises if any write failed."""
+    def flush(self, wait_s: float = 0.0) -> dict:
+        """Wait until every queued point is written, or kept after `wait_s` s of an
+        unreachable server; raises if any write failed. Returns the writer's report."""
         if self.process is not None:  # started ahead but never used
             self.process.finish()
             self.process = None
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close(wait_s)
+            spool.note_report(self._writer.report)
+            return self._writer.report
+        return {}
 
 
 def open_store_in_background() -> threading.Thread:
@@ -409,8 +447,9 @@ def start_run(
                 run = Run(active.info.run_id, active.info.experiment_id, writer_process)
             name = {} if users_name else {"mlflow.runName": run_name}
             # process_tag: lets a later command tell that a RUNNING run's process is gone.
-            mlflow.set_tags(name | {STEP_TAG: step, **version_tags(), **process_tag()})
-            mark_model_training(run.experiment_id)  # also Default, and `mlflow run`'s
+            set_tags(name | {STEP_TAG: step, **version_tags(), **process_tag()})
+            # The experiment's tag, not the run's: nothing to keep if the server is down.
+            spool.try_write(lambda: mark_model_training(run.experiment_id))
             yield run
             # A stop signal whose exception was swallowed (raised inside a gc callback or a
             # __del__) let the body carry on; the run still ends KILLED, never FINISHED.
@@ -431,9 +470,9 @@ def _store_errors() -> Iterator[None]:
     try:
         yield
     except mlflow.exceptions.MlflowException as exc:
-        raise PipelineError(
-            f"tracking store {store.redact(tracking_uri())}: {store.redact(first_line(exc))}"
-        ) from None
+        reason = spool.unreachable(exc)
+        what = f"unreachable ({reason})" if reason else store.redact(first_line(exc))
+        raise PipelineError(f"tracking store {store.redact(tracking_uri())}: {what}") from None
 
 
 ENTRY_POINT_TAG = "mlflow.project.entryPoint"
@@ -555,12 +594,16 @@ def _end_run(run: Run, status: str) -> None:
     """Write the queued points, then the final status, with signals held until both are in.
 
     A stop signal, even one whose exception something swallowed, makes the status KILLED.
+    An unreachable tracking server is waited for at most `spool.wait_seconds()` in all;
+    what it did not take is kept in the run's spool, announced in one line.
     """
     with signals.held():
         if status != "FINISHED" and signals.received() is not None:
             status = "KILLED"
+        deadline = time.monotonic() + spool.wait_seconds()
+        report: dict = {}
         try:
-            run.flush()
+            report = run.flush(spool.wait_seconds())
         except PipelineError:
             if status != "KILLED":
                 status = "FAILED"
@@ -568,7 +611,7 @@ def _end_run(run: Run, status: str) -> None:
         finally:
             if status != "FINISHED":
                 _mark_unfinished(run.run_id, run.experiment_id, status)
-            mlflow.end_run(status)
+            spool.end_run(status, report, deadline)
             if status == "KILLED":
                 _outlast_mlflow_run(run.run_id)
 
@@ -709,7 +752,7 @@ def log_params(params: dict[str, object]) -> None:
                 f"cannot change to {text!r}"
             )
     if new:
-        mlflow.log_params(new)
+        spool.submit({"op": "params", "params": new})
 
 
 def canonical(value: object) -> str:
@@ -750,16 +793,16 @@ def params_match(params: dict[str, str], wanted: dict[str, object]) -> bool:
 
 
 def set_tags(tags: dict[str, str]) -> None:
-    mlflow.set_tags(tags)
+    spool.submit({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
 
 def log_prepared_data(path: Path, digest: str, splits: dict[str, int], source: str, counts) -> None:
     """The prepared file as an artifact, each split as a dataset input, class counts as JSON."""
-    mlflow.log_artifact(str(path), artifact_path="data")
-    mlflow.log_dict(counts, "class_counts.json")
+    log_artifact(path, artifact_path="data")
+    log_dict(counts, "class_counts.json")
     for split, size in splits.items():
-        mlflow.log_input(split_dataset(path, digest, source, split), context=split,
-                         tags={"size": str(size)})  # fmt: skip
+        dataset = split_dataset(path, digest, source, split)
+        spool.submit(spool.dataset_op(dataset, split, {"size": str(size)}))
 
 
 def split_dataset(path: Path, digest: str, source: str, split: str):
@@ -1011,11 +1054,23 @@ def log_artifacts_to(run_id: str, folder: Path, artifact_path: str) -> None:
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    """A file to the active run (kept, as a copy, while the server is unreachable)."""
+    op = {"op": "artifact", "file": str(Path(path).resolve()), "artifact_path": artifact_path}
+    spool.submit(op)
 
 
 def log_dict(obj: object, artifact_file: str) -> None:
-    mlflow.log_dict(obj, artifact_file)
+    """`obj` as JSON at `artifact_file` of the active run, as `mlflow.log_dict` writes it."""
+    _log_file(lambda path: path.write_text(json.dumps(obj, indent=2)), artifact_file)
+
+
+def _log_file(write, artifact_file: str) -> None:
+    """Log the file that `write(path)` writes as `artifact_file` of the active run."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-artifact-") as folder:
+        path = Path(folder) / Path(artifact_file).name
+        write(path)
+        parent = str(Path(artifact_file).parent)
+        log_artifact(path, None if parent == "." else parent)
 
 
 def tracking_uri() -> str:
@@ -1090,17 +1145,15 @@ def log_evaluation(
     keys = class_metric_names(classes)
     for key, acc in zip(keys, ev.per_class_accuracy(), strict=True):
         metrics[f"{prefix}/class_accuracy/{key}"] = acc
-    run_id = mlflow.active_run().info.run_id
     if dataset is not None:
-        mlflow.log_input(dataset, context=prefix)
-    # run_id given, so MLflow reads the run as it is now (with its model and input) instead
-    # of the active run's stale copy, and links neither a second time.
-    mlflow.log_metrics(metrics, step=step, run_id=run_id, model_id=model_id, dataset=dataset)
-    mlflow.log_dict(
+        spool.submit(spool.dataset_op(dataset, prefix, {}))
+    log_metrics(metrics, step=step, model_id=model_id, dataset=dataset)
+    log_dict(
         {"classes": classes, "metric_names": keys, "matrix": ev.confusion},
         f"{prefix}_confusion.json",
     )
-    mlflow.log_figure(_confusion_figure(ev.confusion, classes), f"{prefix}_confusion_matrix.png")
+    figure = _confusion_figure(ev.confusion, classes)
+    _log_file(figure.savefig, f"{prefix}_confusion_matrix.png")
 
 
 def _confusion_figure(matrix: list[list[int]], classes: list[str]):
@@ -1177,16 +1230,22 @@ def log_model(
             constraints = Path(tmp, "constraints.txt")
             constraints.write_text("\n".join(pins) + "\n")
             requirements.append(f"-c {constraints}")
-        return mlflow.pytorch.log_model(
-            model,
-            name="model",
+        kwargs = dict(
             signature=infer_signature(example, output),
             input_example=example,
             pip_requirements=requirements,
-            registered_model_name=registered_model_name,
             metadata=_model_metadata(example, classes),
-            step=step,
-            params=None if params is None else {k: str(v) for k, v in params.items()},
+        )
+        logged = dict(step=step, params=None if params is None else _strings(params))
+        if registered_model_name is not None:  # registering needs the server now: never kept
+            return mlflow.pytorch.log_model(
+                model, name="model", registered_model_name=registered_model_name, **kwargs, **logged
+            )
+        return spool.keep_model(
+            lambda: mlflow.pytorch.log_model(model, name="model", **kwargs, **logged),
+            lambda path: mlflow.pytorch.save_model(model, path, **kwargs),
+            "model",
+            **logged,
         )
 
 
@@ -1202,5 +1261,24 @@ def _model_metadata(example, classes: list[str] | None) -> dict[str, object]:
     return metadata
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics(metrics, step=step)
+def _strings(params: dict[str, object]) -> dict[str, str]:
+    return {k: str(v) for k, v in params.items()}
+
+
+def log_metrics(
+    metrics: dict[str, float], step: int | None = None, model_id: str | None = None, dataset=None
+) -> None:
+    """Metrics of the active run at `step` (0 if None), stamped now; with `model_id` those of
+    that logged model too, with `dataset` (an MLflow dataset) measured on it."""
+    run_id = mlflow.active_run().info.run_id
+    ts = int(time.time() * 1000)
+    named = (dataset.name, dataset.digest) if dataset is not None else (None, None)
+    points = [[k, float(v), ts, step or 0, model_id, *named] for k, v in metrics.items()]
+    spool.submit(
+        {"op": "metrics", "metrics": points},
+        # run_id given, so MLflow reads the run as it is now (with its model and input)
+        # instead of the active run's stale copy, and links neither a second time.
+        lambda: mlflow.log_metrics(
+            metrics, step=step, run_id=run_id, model_id=model_id, dataset=dataset
+        ),
+    )
