@@ -1251,9 +1251,10 @@ def log_model(
 
 def _model_metadata(example, classes: list[str] | None) -> dict[str, object]:
     """What the served model's numbers mean: the input it takes and the name of each logit."""
-    _, c, h, w = example.shape
+    shape = ", ".join(["N", *map(str, example.shape[1:])])
+    images = ": pixels / 255, then (x - 0.5) / 0.5" if example.ndim == 4 else ""
     metadata: dict[str, object] = {
-        "input": f"float32 [N, {c}, {h}, {w}]: pixels / 255, then (x - 0.5) / 0.5",
+        "input": f"float32 [{shape}]{images}",
         "output": "float32 [N, classes] logits; classes[i] names logit i",
     }
     if classes is not None:
