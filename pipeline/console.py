@@ -42,10 +42,13 @@ class ConsoleReporter:
         self._done = last.step
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        """One line per epoch's end: `epoch E: val/loss=... (global step S)`."""
+        epoch = metrics.get("epoch")
+        text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
+        where = f"epoch {int(epoch)}" if epoch is not None else f"step {step}"
         if self._show_bar:
             self._bar.render_finish()
-        click.echo(f"epoch {step}: {text}", err=True)
+        click.echo(f"{where}: {text} (global step {step})", err=True)
 
     def close(self) -> None:
         if self._show_bar:
