@@ -45,10 +45,14 @@ class ConsoleReporter:
         """One line per epoch's end: `epoch E: val/loss=... (global step S)`."""
         epoch = metrics.get("epoch")
         text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
-        where = f"epoch {int(epoch)}" if epoch is not None else f"step {step}"
+        line = (
+            f"epoch {int(epoch)}: {text} (global step {step})"
+            if epoch is not None
+            else (f"global step {step}: {text}")
+        )
         if self._show_bar:
             self._bar.render_finish()
-        click.echo(f"{where}: {text} (global step {step})", err=True)
+        click.echo(line, err=True)
 
     def close(self) -> None:
         if self._show_bar:
