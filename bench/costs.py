@@ -66,22 +66,44 @@ WITHOUT_LIGHTNING = (
 )
 
 
-def time_pipeline_train(data: Path, workdir: Path, hide_lightning: bool = True) -> dict[str, float]:
-    """Wall time of `python -m pipeline train --epochs 1` and its phases, from its metrics."""
-    from mlflow.tracking import MlflowClient
+NAIVE = ROOT / "bench" / "naive.py"
+NAIVE_WITHOUT_LIGHTNING = (
+    "import runpy, sys; sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None; "
+    f"sys.argv[0] = {str(NAIVE)!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
+
+def _timed(args: list[str], workdir: Path) -> tuple[subprocess.CompletedProcess, float, str]:
+    """Run `python *args` in `workdir` on a fresh sqlite store: (process, wall seconds, URI)."""
     workdir.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{workdir}/mlflow.db"
     # One thread, like the in-loop variants; MLflow's defaults otherwise, as a user has them.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store}
     env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    entry = ["-c", WITHOUT_LIGHTNING] if hide_lightning else ["-m", "pipeline"]
-    cmd = [sys.executable, *entry, "train", "--data", str(data), "--epochs", "1"]
     start = time.time()
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=workdir, env=env, capture_output=True, text=True
+    )
     wall = time.time() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"pipeline train failed:\n{proc.stderr}")
+        raise RuntimeError(f"{args[-1]} failed:\n{proc.stderr}")
+    return proc, wall, store
+
+
+def time_naive(data: Path, workdir: Path) -> dict[str, float]:
+    """Wall, loop and fixed seconds of `bench/naive.py` on `data`, Lightning hidden as below."""
+    proc, wall, _ = _timed(["-c", NAIVE_WITHOUT_LIGHTNING, str(data)], workdir)
+    loop = float(proc.stdout.strip().splitlines()[-1])
+    return {"training loop": loop, "wall": wall, "fixed (wall - loop)": wall - loop}
+
+
+def time_pipeline_train(data: Path, workdir: Path, hide_lightning: bool = True) -> dict[str, float]:
+    """Wall time of `python -m pipeline train --epochs 1` and its phases, from its metrics."""
+    from mlflow.tracking import MlflowClient
+
+    entry = ["-c", WITHOUT_LIGHTNING] if hide_lightning else ["-m", "pipeline"]
+    start = time.time()
+    _, wall, store = _timed([*entry, "train", "--data", str(data), "--epochs", "1"], workdir)
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
     m = run.data.metrics

@@ -3,7 +3,9 @@
 Prints samples/s (min / median / max over repeats, in alternating order) of
   (1) the teaching notebook's loop, (2) a bare PyTorch loop without logging,
   (3) this project's step logging every step to MLflow, (4) Lightning + MLFlowLogger,
-then the compute floor, data_prep's time, and a whole `pipeline train` split into phases.
+then, for every model of the zoo, (3) against (2) through the same forward, the compute
+floor, data_prep's time, and a whole `pipeline train` split into phases beside the naive
+MLflow script (bench/naive.py) timed the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import torch  # noqa: E402
 import variants  # noqa: E402
 
 from pipeline.data import to_model_input  # noqa: E402
-from pipeline.models import training_forward  # noqa: E402
+from pipeline.models import MODELS, training_forward  # noqa: E402
+
+TARGET = 0.95  # issue 13: logging every step keeps >= this fraction of the bare loop's speed
 
 NAMES = {
     "notebook": "(1) notebook: transforms + DataLoader",
@@ -42,13 +46,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=costs.TRAIN_IMAGES, help="training images")
     p.add_argument("--variants", default=",".join(NAMES), help="comma-separated subset")
+    p.add_argument("--models", default=",".join(MODELS), help="zoo models for the per-model ratio")
     p.add_argument("--no-train-run", action="store_true", help="skip the `pipeline train` run")
     return p.parse_args()
 
 
-def quiet() -> None:
+def quiet(lightning: bool) -> None:
     """Lightning and MLflow talk a lot; the bench's table is what should be read."""
-    import lightning  # noqa: F401 - its import sets up the loggers silenced below
+    if lightning:
+        import lightning  # noqa: F401 - its import sets up the loggers silenced below
 
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "alembic"):
@@ -98,6 +104,35 @@ def print_table(rates: dict[str, list[float]], repeats: int, images: int) -> Non
         )
 
 
+def measure_models(
+    models: list[str], x: torch.Tensor, y: torch.Tensor, tmp: Path, repeats: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per model, samples/s of (2) and (3) through the same forward, alternating."""
+    out = {}
+    for name in models:
+        calls = {
+            "bare": lambda n=name: variants.bare(x, y, n, same_forward=True),
+            "project": lambda n=name: variants.project(x, y, variants.sqlite_store(tmp), n),
+        }
+        print(f"{name}: warm-up, then {repeats} repeats:")
+        for call in calls.values():
+            call()
+        out[name] = measure(calls, repeats)
+    return out
+
+
+def print_models(per_model: dict[str, dict[str, list[float]]], repeats: int, images: int) -> None:
+    print(
+        f"\nper model: (3) logging every step vs (2) without logging, through the SAME forward "
+        f"(the one `pipeline train` uses), samples/s medians of {repeats}, {images} images"
+    )
+    print(f"{'model':10s} {'(2) bare':>9s} {'(3) project':>12s} {'(3)/(2)':>8s}")
+    for name, rates in per_model.items():
+        bare, proj = statistics.median(rates["bare"]), statistics.median(rates["project"])
+        mark = "" if proj / bare >= TARGET else f"   below {TARGET}"
+        print(f"{name:10s} {bare:9.0f} {proj:12.0f} {proj / bare:7.2f}x{mark}")
+
+
 def print_floor(rates: dict[str, list[float]]) -> None:
     model = variants._fresh_model()
     flops = floor.flops_per_sample(model)
@@ -126,7 +161,7 @@ def print_phases(title: str, phases: dict[str, float]) -> None:
 
 def main() -> None:
     args = parse_args()
-    quiet()
+    quiet("lightning" in args.variants.split(","))
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -144,11 +179,25 @@ def main() -> None:
         rates = measure(calls, args.repeats)
         print(f"(timed repeats took {time.perf_counter() - started:.0f} s)")
         print_table(rates, args.repeats, len(x))
+        per_model = measure_models(args.models.split(","), x, y, tmp, args.repeats)
+        print_models(per_model, args.repeats, len(x))
         print_floor(rates)
         print_phases(f"data_prep of {args.images} IDX images (in-process, no MLflow run)", prep)
         if not args.no_train_run:
+            # Alternating, so both see the same load: pipeline, naive, naive, pipeline.
             phases = costs.time_pipeline_train(prepared, tmp / "train-run")
+            naive = [costs.time_naive(prepared, tmp / f"naive-{i}") for i in range(2)]
+            second = costs.time_pipeline_train(prepared, tmp / "train-run-1")
             print_phases("`python -m pipeline train --epochs 1` on the prepared file", phases)
+            fixed = [p["fixed (wall - loop)"] for p in (phases, second)]
+            naive_fixed = [p["fixed (wall - loop)"] for p in naive]
+            print(
+                f"  fixed cost, 2 runs each in the order pipeline, naive, naive, pipeline: "
+                f"pipeline train {min(fixed):.2f} / {max(fixed):.2f} s, naive script "
+                f"(bench/naive.py) {min(naive_fixed):.2f} / {max(naive_fixed):.2f} s "
+                f"(loop {naive[0]['training loop']:.2f} s); means {sum(fixed) / 2:.2f} vs "
+                f"{sum(naive_fixed) / 2:.2f} s: {sum(fixed) / sum(naive_fixed):.2f}x"
+            )
             again = costs.time_pipeline_train(prepared, tmp / "train-run-2", hide_lightning=False)
             print(
                 f"  the same with the bench's Lightning importable (mlflow.pytorch imports it): "

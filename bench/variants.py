@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.models import seed_cnn
+from pipeline.models import MODELS, training_forward
 
 BATCH = 128
 LR = 1e-3
 SEED = 0
 
 
-def _fresh_model() -> nn.Module:
+def _fresh_model(name: str = "seed_cnn") -> nn.Module:
     torch.manual_seed(SEED)
-    return seed_cnn(10)
+    return MODELS[name](10)
 
 
 def notebook(raw_root: Path) -> tuple[int, float]:
@@ -46,9 +46,16 @@ def notebook(raw_root: Path) -> tuple[int, float]:
     return len(dataset), time.perf_counter() - start
 
 
-def bare(x: torch.Tensor, y: torch.Tensor) -> tuple[int, float]:
-    """(2) The best plain PyTorch loop without logging: in-memory tensors, fused Adam."""
-    model = _fresh_model()
+def bare(
+    x: torch.Tensor, y: torch.Tensor, name: str = "seed_cnn", same_forward: bool = False
+) -> tuple[int, float]:
+    """(2) The best plain PyTorch loop without logging: in-memory tensors, fused Adam.
+
+    With `same_forward`, through the forward `pipeline train` picks for model `name` (the
+    collapsed one for seed_cnn), so that against `project` only the logging differs.
+    """
+    model = _fresh_model(name)
+    forward = (training_forward(model) if same_forward else None) or model
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
     criterion = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(SEED)
@@ -56,18 +63,22 @@ def bare(x: torch.Tensor, y: torch.Tensor) -> tuple[int, float]:
     order = torch.randperm(len(x), generator=gen)
     for i in range(0, len(x), BATCH):
         idx = order[i : i + BATCH]
-        loss = criterion(model(x[idx]), y[idx])
+        # index_select: the rows x[idx] gives, gathered as the project's loop gathers them.
+        loss = criterion(forward(x.index_select(0, idx)), y.index_select(0, idx))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return len(x), time.perf_counter() - start
 
 
-def project(x: torch.Tensor, y: torch.Tensor, store: str) -> tuple[int, float]:
+def project(
+    x: torch.Tensor, y: torch.Tensor, store: str, name: str = "seed_cnn"
+) -> tuple[int, float]:
     """(3) The project's own training step, logging loss/accuracy/lr on every step.
 
     Uses the real `train_epoch`, the forward `pipeline train` picks, and the real
-    `MlflowTracker` / `MetricWriter` (and its writer process) against a sqlite store. The
+    `MlflowTracker` / `MetricWriter` (and its writer process) against a sqlite store, with
+    the terminal's `ConsoleReporter` alongside as `pipeline train` has it. The
     clock starts once the writer is up and stops only once it has written every point; the
     run is then checked to hold exactly one train/loss point per step.
     """
@@ -75,23 +86,26 @@ def project(x: torch.Tensor, y: torch.Tensor, store: str) -> tuple[int, float]:
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
+    from pipeline.console import ConsoleReporter, Fanout
     from pipeline.loop import TrainState, train_epoch
     from pipeline.losses import build_loss
-    from pipeline.models import training_forward
     from pipeline.optimizers import build_optimizer
 
     mlflow.set_tracking_uri(store)
-    model = _fresh_model()
+    model = _fresh_model(name)
     optimizer = build_optimizer("adam", list(model.parameters()), LR, None, 0.0, x.device)
     state = TrainState(model, optimizer, torch.Generator().manual_seed(SEED))
     state.forward = training_forward(model)  # as `pipeline train` does
     loss_fn = build_loss("cross_entropy")
     with tracking.start_run("train", "bench-project") as run:
-        tracker = run.tracker  # the writer process is up and has opened the run
+        # The writer process is up and has opened the run once `run.tracker` returns.
+        console = ConsoleReporter(-(-len(x) // BATCH))
+        tracker = Fanout([run.tracker, console])
         start = time.perf_counter()
         train_epoch(state, x, y, loss_fn, tracker, BATCH, log_every=1)
         run.flush()  # wait for every point to be written
         seconds = time.perf_counter() - start
+        console.close()
     points = len(MlflowClient().get_metric_history(run.run_id, "train/loss"))
     if points != state.step:
         raise AssertionError(f"project: {points} train/loss points for {state.step} steps")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 
 import click
 
 from pipeline.loop import StepLog, Tracker
 
+REDRAW_S = 0.2  # a bar redrawn more often only costs the loop: nobody reads it faster
+
 
 class ConsoleReporter:
-    """A progress bar on stderr with the latest loss and accuracy.
+    """A progress bar on stderr with the latest loss and accuracy, redrawn every `REDRAW_S`.
 
     With `print_every` > 0 it also prints the seed notebook's line,
     `Epoch e, step i: loss=..., acc=...`, for every epoch step i divisible by it.
@@ -26,16 +30,24 @@ class ConsoleReporter:
         if self._show_bar:
             self._bar.__enter__()
         self._done = 0
-        self._latest = ""
+        self._drawn = -math.inf  # time.monotonic() of the last redraw
+        self._last: StepLog | None = None  # the latest row, drawn or not yet
 
     def log_steps(self, rows: list[StepLog]) -> None:
-        for r in rows:
-            if self.print_every and r.epoch_step % self.print_every == 0:
-                click.echo(
-                    f"Epoch {r.epoch}, step {r.epoch_step}: loss={r.loss:.4f}, acc={r.accuracy:.4f}"
-                )
-        last = rows[-1]
-        if not self._show_bar:
+        if self.print_every:
+            for r in rows:
+                if r.epoch_step % self.print_every == 0:
+                    click.echo(
+                        f"Epoch {r.epoch}, step {r.epoch_step}: "
+                        f"loss={r.loss:.4f}, acc={r.accuracy:.4f}"
+                    )
+        self._last = rows[-1]
+        if self._show_bar and time.monotonic() - self._drawn >= REDRAW_S:
+            self._draw()
+
+    def _draw(self) -> None:
+        last, self._drawn = self._last, time.monotonic()
+        if last is None or last.step == self._done:
             return
         self._bar.label = f"epoch {last.epoch} loss={last.loss:.4f} acc={last.accuracy:.3f}"
         self._bar.update(last.step - self._done)
@@ -51,11 +63,13 @@ class ConsoleReporter:
             else (f"global step {step}: {text}")
         )
         if self._show_bar:
+            self._draw()  # the epoch's end, whenever the last redraw was
             self._bar.render_finish()
         click.echo(line, err=True)
 
     def close(self) -> None:
         if self._show_bar:
+            self._draw()
             self._bar.__exit__(None, None, None)
 
 
