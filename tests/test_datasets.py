@@ -318,7 +318,7 @@ def test_own_colour_images_train_end_to_end_with_their_class_names(tracking, tmp
     [spec] = info.signature.inputs.inputs
     assert spec.shape == (-1, 3, 32, 32) and spec.type == np.dtype("float32")
     # Served: logits in, names out, as the README shows it.
-    prepared = load_prepared(run.data.params["data"])
+    prepared = load_prepared(run.data.params["data_path"])
     x = to_model_input(prepared.splits["test"].images[:8]).numpy()
     served = mlflow.pyfunc.load_model(model_uri)
     logits = served.predict(x)
