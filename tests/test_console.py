@@ -42,13 +42,13 @@ def test_bar_redraws_are_throttled_and_the_epoch_ends_on_its_last_step(terminal,
     console = ConsoleReporter(total_steps=200)
     for step in range(1, 201):  # one call per step: far more calls than redraws
         console.log_steps(rows(step, step))
-    console.log_metrics({"val/loss": 0.25}, 200)
+    console.log_metrics({"val/loss": 0.25, "epoch": 1.0}, 200)
     console.close()
     out = read()
     assert 1 <= out.count("epoch 1 loss=") < 20  # every 0.2 s, not on each of 200 calls
     assert "200/200" in out  # drawn at the last step at the epoch's end, whenever the last draw
     assert "epoch 1 loss=0.0050" in out  # the last step's loss, 1/200
-    assert "epoch 200: val/loss=0.2500" in out
+    assert "epoch 1: val/loss=0.2500 (global step 200)" in out
 
 
 def test_print_every_prints_every_divisible_step_off_a_terminal(capsys):
