@@ -330,7 +330,7 @@ def trial(spec: str) -> None:
     run_trial_spec(spec)
 
 
-@cli.command()
+@cli.command(short_help="Write what runs kept while the server was unreachable.")
 def sync() -> None:
     """sync: write what runs kept while the tracking server was unreachable.
 
