@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,20 @@ from pipeline.config import PrepConfig
 from pipeline.data import prepare, prepared_path, save_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_SESSION_HANDLERS = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+
+
+@pytest.fixture(autouse=True)
+def _stop_signal_handlers():
+    """Each test starts with the session's stop-signal handlers: an in-process run that a
+    test leaves part-way (a generator never closed) must not change how the next one sees
+    SIGINT or SIGTERM."""
+    yield
+    for sig, handler in _SESSION_HANDLERS.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture
