@@ -23,9 +23,8 @@ _SESSION_HANDLERS = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
 
 @pytest.fixture(autouse=True)
 def _stop_signal_handlers():
-    """Each test starts with the session's stop-signal handlers: an in-process run that a
-    test leaves part-way (a generator never closed) must not change how the next one sees
-    SIGINT or SIGTERM."""
+    """Each test starts with the session's stop-signal handlers: one that a test sets for
+    itself never changes how the next one sees SIGINT or SIGTERM."""
     yield
     for sig, handler in _SESSION_HANDLERS.items():
         signal.signal(sig, handler)

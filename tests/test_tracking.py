@@ -43,6 +43,9 @@ def test_a_writer_started_ahead_but_unused_ends_with_the_run(tracking):
 
 
 def test_a_signal_inside_held_waits_for_the_block_then_acts_as_usual():
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job
+    # starts with SIGINT ignored); the autouse fixture puts the session's back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     done = []
     with pytest.raises(Terminated), signals.stop_signals_raise(), signals.held():
         os.kill(os.getpid(), signal.SIGTERM)
