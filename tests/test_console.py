@@ -28,8 +28,11 @@ def terminal():
 
     def read() -> str:
         stream.flush()
-        ready, _, _ = select.select([master], [], [], 5)
-        return os.read(master, 1 << 16).decode(errors="replace") if ready else ""
+        chunks, wait = [], 5.0  # a pty hands its output over in pieces: read until it is quiet
+        while select.select([master], [], [], wait)[0]:
+            chunks.append(os.read(master, 1 << 16))
+            wait = 0.5
+        return b"".join(chunks).decode(errors="replace")
 
     yield stream, read
     stream.close()
