@@ -32,12 +32,18 @@ class LockHeld(PipelineError):
     exit_code = EX_TEMPFAIL
 
 
+def cache_dir(env: str, name: str) -> Path:
+    """$`env`, else $XDG_CACHE_HOME/pipeline/`name`, else ~/.cache/pipeline/`name`: where this
+    user's per-host state lives (locks, the spool)."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "pipeline" / name
+
+
 def default_lock_dir() -> Path:
     """$PIPELINE_LOCK_DIR, else $XDG_CACHE_HOME/pipeline/locks, else ~/.cache/pipeline/locks."""
-    if os.environ.get(LOCK_DIR_ENV):
-        return Path(os.environ[LOCK_DIR_ENV])
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "pipeline" / "locks"
+    return cache_dir(LOCK_DIR_ENV, "locks")
 
 
 def lock_path(lock_dir: Path, model_name: str, tracking_uri: str) -> Path:

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 
 from pipeline import store
 from pipeline.errors import PipelineError
+from pipeline.lock import cache_dir
 
 SPOOL_DIR_ENV = "PIPELINE_SPOOL_DIR"
 WAIT_ENV = "PIPELINE_SERVER_WAIT"
@@ -142,10 +143,7 @@ def check_settings() -> float:
 
 def spool_root() -> Path:
     """$PIPELINE_SPOOL_DIR, else $XDG_CACHE_HOME/pipeline/spool, else ~/.cache/pipeline/spool."""
-    if os.environ.get(SPOOL_DIR_ENV):
-        return Path(os.environ[SPOOL_DIR_ENV])
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "pipeline" / "spool"
+    return cache_dir(SPOOL_DIR_ENV, "spool")
 
 
 def is_server(uri: str) -> bool:
