@@ -22,6 +22,7 @@ import platform
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,11 +40,13 @@ from mlflow.tracking import MlflowClient
 import pipeline
 from pipeline import signals, spool, store
 from pipeline.errors import PipelineError, first_line
+from pipeline.lock import cache_dir
 
 if TYPE_CHECKING:
     from pipeline.loop import StepLog
 
 STEP_TAG = "pipeline.step"
+DATA_CACHE_ENV = "PIPELINE_DATA_CACHE"  # where data_prep files of other machines are kept
 CODE_VERSION_TAG = "pipeline.code_version"
 SWEEP_FILE_TAG = "pipeline.sweep_file_sha256"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
@@ -1094,13 +1097,21 @@ def prepared_file_of(run_id: str) -> tuple[Path, str]:
     local = Path(run.data.params["data_path"])
     if local.is_file() and file_digest(local) == digest:
         return local, digest
-    dst = Path(tempfile.mkdtemp(prefix="pipeline-data-"))
-    path = Path(
-        mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"data/{local.name}", dst_path=str(dst)
+    # Another machine's file: downloaded once into the user's cache, by digest, so a second
+    # train on the same data neither downloads again nor leaves a folder in /tmp each time.
+    cached = cache_dir(DATA_CACHE_ENV, "data") / digest[:16] / local.name
+    if cached.is_file() and file_digest(cached) == digest:
+        return cached, digest
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(prefix=".download-", dir=cached.parent))
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"data/{local.name}", dst_path=str(part)
         )
-    )
-    return path, digest
+        os.replace(path, cached)  # whole or not at all, also with two trains at once
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    return cached, digest
 
 
 # Class names end metric keys (`challenger/test/class_accuracy/<name>`, 31 characters before

@@ -242,3 +242,20 @@ def test_save_refuses_what_load_would_refuse_and_leaves_no_file(tmp_path):
     with pytest.raises(PipelineError, match="prepared data has a malformed 'val' split: it is"):
         save_prepared(data, path)
     assert not path.parent.exists()
+
+
+def test_a_data_prep_file_of_another_machine_is_downloaded_once_into_the_cache(
+    tracking, tmp_path, monkeypatch
+):
+    from pipeline.steps import resolve_data, run_prep
+
+    monkeypatch.setenv("PIPELINE_DATA_CACHE", str(tmp_path / "cache"))
+    prep = run_prep(PrepConfig(data_dir=str(tmp_path / "elsewhere")))
+    prep.path.unlink()  # the run's own file is not on this machine
+    path, digest = resolve_data(prep.run_id)
+    assert digest == prep.digest and path.is_relative_to(tmp_path / "cache")
+    assert file_digest(path) == digest
+    mtime = path.stat().st_mtime_ns
+    assert resolve_data(prep.run_id) == (path, digest)  # reused, not downloaded again
+    assert path.stat().st_mtime_ns == mtime
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial download left
