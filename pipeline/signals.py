@@ -94,6 +94,8 @@ def _raise_terminated(signum, frame):
 def stop_signals_raise() -> Iterator[None]:
     """Within the block, SIGINT, SIGTERM, SIGHUP and SIGQUIT raise `Terminated`.
 
+    A signal this process was started ignoring stays ignored: `nohup` ignores SIGHUP so
+    that a run outlives its terminal, and a shell starts background jobs ignoring SIGINT.
     Only the main thread gets signals. Nested blocks share the outermost one's record of
     what was received.
     """
@@ -105,7 +107,11 @@ def stop_signals_raise() -> Iterator[None]:
         return
     global _received
     _received = None
-    previous = {sig: signal.signal(sig, _raise_terminated) for sig in STOP_SIGNALS}
+    previous = {
+        sig: signal.signal(sig, _raise_terminated)
+        for sig in STOP_SIGNALS
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield
     finally:
