@@ -211,8 +211,10 @@ class Checkpointer:
         self.save(state)
 
     def epoch_end(self, state: TrainState) -> None:
-        if self.every.epoch or self.every.seconds and (
-            time.monotonic() - self._last_time >= self.every.seconds
+        if (
+            self.every.epoch
+            or self.every.seconds
+            and (time.monotonic() - self._last_time >= self.every.seconds)
         ):
             self.save(state)
 
@@ -442,8 +444,9 @@ class Session:
             payload = latest_payload(
                 self.run_id,
                 config,
-                lambda p: check_payload(p, self.run_id, meta["params"], meta["data_digest"],
-                                        meta["code_version"]),  # fmt: skip
+                lambda p: check_payload(
+                    p, self.run_id, meta["params"], meta["data_digest"], meta["code_version"]
+                ),  # fmt: skip
             )
             if payload is not None:
                 state.load_state_dict(payload["state"])

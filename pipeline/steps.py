@@ -340,7 +340,11 @@ def _diverged(exc: Diverged) -> Evaluation:
 
 
 def _early_stopping_end(
-    es: EarlyStopping, state: TrainState, model, cfg: TrainConfig, steps_per_epoch: int,
+    es: EarlyStopping,
+    state: TrainState,
+    model,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
     logged: bool,
 ) -> int:
     """Log `best_epoch` and `stopped_epoch` (the last epoch trained, whether or not it stopped
