@@ -390,6 +390,23 @@ def sync() -> None:
         click.echo(f"sync: {left} run(s) still being written by their process; run sync later")
 
 
+@cli.command(short_help="End KILLED the runs whose process is gone.")
+@click.option("--experiment", "experiments", multiple=True,
+              help="Only this experiment (repeatable). [default: every experiment]")  # fmt: skip
+def cleanup(experiments: tuple[str, ...]) -> None:
+    """cleanup: end KILLED every RUNNING run whose process is gone (SIGKILL, a power cut).
+
+    A run's process is gone when, on this host, no process has its pid and start time
+    (tag pipeline.process); on another host, when its heartbeat (tag pipeline.heartbeat) is
+    over 150 s old. A run of another host without a heartbeat is left alone. Ended runs
+    keep their checkpoints: `train --resume RUN_ID` goes on from there.
+    """
+    from pipeline import tracking_resume
+
+    for run_id, why in tracking_resume.end_dead_runs(tracking_resume.experiment_ids(experiments)):
+        click.echo(f"cleanup: run {run_id} ended KILLED ({why})")
+
+
 def entry() -> None:
     """Run the CLI; every error is one line on stderr and a non-zero exit status.
 

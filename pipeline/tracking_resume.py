@@ -222,6 +222,14 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
+def experiment_ids(names: tuple[str, ...] | list[str]) -> list[str]:
+    """The ids of experiments `names` (PipelineError listing the experiments for a missing
+    one), or of every active experiment when none is named."""
+    if names:
+        return [tracking.experiment_by_name(n).experiment_id for n in names]
+    return [e.experiment_id for e in tracking._client().search_experiments()]
+
+
 def end_dead_runs(experiment_ids: list[str]) -> list[tuple[str, str]]:
     """End KILLED every RUNNING run of these experiments whose process is dead (see
     `liveness`); returns (run id, why) of each."""
