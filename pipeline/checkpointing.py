@@ -157,15 +157,19 @@ def _copy(value):
     return value
 
 
-def kill_point(name: str, value: int | None = None) -> None:
+def kill_point(name: str, value: int | None = None, before=None) -> None:
     """Tests: SIGKILL this process at `name[:value]` when PIPELINE_KILL_AT names it, or a
-    moment after (`name+seconds`) from a thread, for a point that lasts (model logging)."""
+    moment after (`name+seconds`) from a thread, for a point that lasts (model logging).
+    `before()` runs first (waiting for a checkpoint being written), so which checkpoints
+    exist at the kill is certain, and a test knows where the resume starts."""
     spec = os.environ.get(KILL_AT_ENV)
     if not spec:
         return
     where, _, delay = spec.partition("+")
     if where != (name if value is None else f"{name}:{value}"):
         return
+    if before is not None:
+        before()
     if delay:
         timer = threading.Timer(float(delay), os.kill, (os.getpid(), signal.SIGKILL))
         timer.daemon = True
@@ -200,7 +204,7 @@ class Checkpointer:
         self.warned = False
 
     def due(self, state: TrainState) -> bool:
-        kill_point("step", state.step)
+        kill_point("step", state.step, self.join)
         if self.every.steps and state.step % self.every.steps == 0:
             return True
         return bool(self.every.seconds) and (

@@ -197,18 +197,20 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lr = optimizer.param_groups[0]["lr"]  # the lr this step trains at
-            with signals.deferred:  # the update and its count, whole
+            with signals.deferred:  # the update, its count and its row, whole
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
                 state.step += 1
                 state.batch = i + 1
-            if state.step % log_every == 0:
-                # Device tensors, read in one transfer by _report; accuracy is computed there
-                # too, for all pending steps at once, rather than with three small ops per step.
-                pending.append((i, state.step, time.time(), loss.detach(), logits.detach(), yb, lr))
-                if len(pending) >= SYNC_EVERY:
-                    _report(state, pending, tracker)
+                if state.step % log_every == 0:
+                    # Device tensors, read in one transfer by _report; accuracy is computed
+                    # there too, for all pending steps at once, not with small ops per step.
+                    pending.append(
+                        (i, state.step, time.time(), loss.detach(), logits.detach(), yb, lr)
+                    )
+                    if len(pending) >= SYNC_EVERY:
+                        _report(state, pending, tracker)
             if on_step is not None and on_step.due(state):
                 _report(state, pending, tracker)  # a checkpoint never runs ahead of the log
                 on_step(state)
