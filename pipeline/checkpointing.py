@@ -441,6 +441,7 @@ class Session:
 
         self.run_id, self.state, self.config = run.run_id, state, config
         self.last: dict[str, int] = {}
+        self.resumed = resumed is not None
         log = tr.PointLog()
         payload = None
         kept: list[str] = []

@@ -284,7 +284,7 @@ def run_train(
             run.flush()
             model_params = {k: "none" if v is None else v for k, v in params.items()}
             checkpointing.kill_point("model")
-            info = session.logged("test/loss") and resumed_model(run, model_step)
+            info = resumed_model(run, model_step) if session.resumed else None
             if not info:
                 info = tracking.log_model(model.cpu(), example, classes=data.classes,
                                           step=model_step, params=model_params)  # fmt: skip
@@ -363,8 +363,8 @@ def _early_stopping_end(
 
 
 def resumed_model(run, step: int):
-    """The model a resumed run logged before it was killed, if it got that far (its test
-    metrics are there), so it is not logged twice; None otherwise."""
+    """The model a resumed run logged (READY) before it was killed, if it got that far, so
+    it is not logged twice; None otherwise."""
     from pipeline import tracking_resume
 
     found = tracking_resume.ready_model(run.run_id, run.experiment_id, step)
