@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpointing, tracking_resume
@@ -278,3 +279,64 @@ def test_checkpointer_stall_is_small(tmp_path):
     assert ck.count == 5
     assert [p.name for p in checkpointing.local(tmp_path / "r")] == ["step-000000005.pt"]
     assert ck.stall_s / ck.count < 0.5
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_at_the_same_epoch_after_a_kill(tracking, tmp_path, sample_file):
+    """Patience 1 on val/accuracy stops after epoch 6 (best: 5) and logs the best model;
+    killed in epoch 6 and resumed from the epoch-5 checkpoint, it stops there too, with the
+    same numbers."""
+    client = MlflowClient()
+    es = ["--epochs", "8", "--lr", "0.01", "--early-stopping-patience", "1",
+          "--monitor", "val/accuracy", "--checkpoint-every", "epoch"]  # fmt: skip
+    whole = _train(sample_file, *es, cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    baseline = _only_run(client, set())
+    expected = _series(client, baseline)
+    assert expected["best_epoch"] == [(6 * STEPS_PER_EPOCH, 5.0)]
+    assert expected["stopped_epoch"] == [(6 * STEPS_PER_EPOCH, 6.0)]
+    assert client.get_run(baseline).data.tags["pipeline.early_stopped"] == "true"
+
+    killed = _train(sample_file, *es, "--resume", "auto", kill_at="step:160", cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_id = _only_run(client, {baseline})
+    done = _train(sample_file, *es, "--resume", "auto", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming run {run_id} from global step {5 * STEPS_PER_EPOCH} " in done.stdout
+    assert _series(client, run_id) == expected
+
+
+@pytest.mark.slow
+def test_sweep_resumes_an_interrupted_trial_from_its_checkpoint(tracking, tmp_path):
+    """A sweep killed (SIGKILL) in the middle of its first trial, run again, resumes that
+    trial in its own run from its checkpoint, and runs the second one afresh."""
+    client = MlflowClient()
+    data_dir = tmp_path / "data"
+    spec = {
+        "experiment": "resumed",
+        "data": {"dataset": "mnist-sample", "data_dir": str(data_dir)},
+        "base": {"model": "mlp", "epochs": 2},
+        "grid": {"optimizer": ["adam", "sgd"]},
+        "checkpoint_every": "epoch",
+    }
+    path = tmp_path / "resumed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = [sys.executable, "-m", "pipeline", "sweep", str(path)]
+    first = subprocess.run(sweep, cwd=tmp_path, env=_env("step:40"), capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    experiment = client.get_experiment_by_name("resumed").experiment_id
+    [trial] = pt.train_runs(experiment)
+    assert trial.info.status == "RUNNING"
+
+    again = subprocess.run(sweep, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert f"train: resuming run {trial.info.run_id} from global step 29" in again.stdout
+    runs = {r.info.run_id: r for r in pt.train_runs(experiment)}
+    assert len(runs) == 2 and trial.info.run_id in runs
+    resumed = runs[trial.info.run_id]
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags[tracking_resume.RESUMED_FROM_TAG] == "29"
+    steps = [m.step for m in client.get_metric_history(trial.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
