@@ -42,6 +42,7 @@ KILL_AT_ENV = "PIPELINE_KILL_AT"  # tests only: SIGKILL this process at a named 
 FORMAT = 1
 DEFAULT_EVERY = "epoch,60s"
 _NAME = re.compile(r"step-(\d+)\.pt")
+_KILL_AT = os.environ.get(KILL_AT_ENV)  # read once: `kill_point` runs on every step
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def kill_point(name: str, value: int | None = None, before=None) -> None:
     moment after (`name+seconds`) from a thread, for a point that lasts (model logging).
     `before()` runs first (waiting for a checkpoint being written), so which checkpoints
     exist at the kill is certain, and a test knows where the resume starts."""
-    spec = os.environ.get(KILL_AT_ENV)
+    spec = _KILL_AT
     if not spec:
         return
     where, _, delay = spec.partition("+")
