@@ -387,6 +387,7 @@ def resume_target(
     else:
         run = tr.check_resumable(config.resume, params, step)
     run_id = run.info.run_id
+    _hold_resume_lock(root(config.directory), run_id)
     wait_for_old_writer(root(config.directory) / run_id, spool.wait_seconds() + 30)
     uri = tracking.tracking_uri()
     if spool.is_server(uri) and spool.RunSpool(uri, run_id).pending():
@@ -397,6 +398,27 @@ def resume_target(
     if (stub := os.environ.pop("MLFLOW_RUN_ID", None)) and stub != run_id:
         tr.mark_stub(stub, run_id, step)
     return tracking.get_run(run_id)
+
+
+_resume_locks: dict[str, int] = {}  # run id -> descriptor of its held lock, for our lifetime
+
+
+def _hold_resume_lock(folder: Path, run_id: str) -> None:
+    """One resume of a run at a time on this host: an exclusive flock on
+    `<root>/<run id>.lock`, held until this process ends (the kernel drops it however it
+    ends). Two hosts resuming one run at once are not serialised."""
+    import fcntl
+
+    if run_id in _resume_locks:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / f"{run_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PipelineError(f"run {run_id} is being resumed by another process") from None
+    _resume_locks[run_id] = fd
 
 
 def latest_payload(run_id: str, config: CheckpointConfig, check) -> dict | None:
@@ -460,6 +482,14 @@ class Session:
             with contextlib.suppress(Exception):
                 kept = tr.uploaded(self.run_id)
             tr.record_resume(resumed, state.step)
+            threads = resumed.data.tags.get("torch_num_threads")
+            if threads and threads != str(torch.get_num_threads()):
+                print(
+                    f"Warning: run {self.run_id} trained with {threads} torch threads, this "
+                    f"process has {torch.get_num_threads()}: on a CPU its numbers will "
+                    "differ from an uninterrupted run's in the last bits",
+                    file=sys.stderr,
+                )
             # A model its killed process was logging stays PENDING otherwise (MLflow
             # finalizes one only on an exception).
             tracking.fail_pending_models(self.run_id, run.experiment_id)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpointing, signals, tracking
+from pipeline import checkpointing, signals, tracking, tracking_resume
 from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import (
     CHOICES,
@@ -232,7 +232,10 @@ def run_train(
         ) as run,
         checkpointing.Session(run, state, ck, meta, resumed, writer.proc.pid) as session,
     ):
-        tracking.log_params(params)
+        # A resume on another machine reads the data from another path: the run keeps its own
+        # (its identity, params and data digest, was checked before it was reopened).
+        tracking.log_params({k: v for k, v in params.items() if not session.resumed
+                             or k not in ("data", "data_path")})  # fmt: skip
         tracking.set_tags(
             {
                 "device": str(device),
@@ -450,9 +453,13 @@ def run_main(
     checkpointing.parse_every(ck.every)
     wanted = prep.params() | requested_params(train)
     resumed = checkpointing.resume_target(ck, wanted, "main")
-    with tracking.start_run(
-        "main", f"main-{train.run_name}", run_id=None if resumed is None else resumed.info.run_id
-    ) as parent:
+    with (
+        tracking.start_run(
+            "main", f"main-{train.run_name}",
+            run_id=None if resumed is None else resumed.info.run_id,
+        ) as parent,
+        tracking_resume.Heartbeat(parent.run_id),  # its train child beats for itself
+    ):  # fmt: skip
         tracking.log_params(prep.params() | _requested(train))
         prepared = prep_or_reuse(prep, parent.experiment_id)
         tracking.set_tags(

@@ -221,6 +221,12 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def __enter__(self) -> Heartbeat:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 def experiment_ids(names: tuple[str, ...] | list[str]) -> list[str]:
     """The ids of experiments `names` (PipelineError listing the experiments for a missing

@@ -340,3 +340,26 @@ def test_sweep_resumes_an_interrupted_trial_from_its_checkpoint(tracking, tmp_pa
     assert resumed.data.tags[tracking_resume.RESUMED_FROM_TAG] == "29"
     steps = [m.step for m in client.get_metric_history(trial.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+
+
+@pytest.mark.slow
+def test_main_resumes_its_parent_and_train_child(tracking, tmp_path):
+    """`pipeline main --resume auto` reopens the killed main run, reuses its data_prep and
+    resumes its train child from the checkpoint: three runs in all, each FINISHED."""
+    client = MlflowClient()
+    args = [sys.executable, "-m", "pipeline", "main", "--data-dir", str(tmp_path / "data"),
+            *TRAIN]  # fmt: skip
+    killed = subprocess.run(args, cwd=tmp_path, env=_env("step:13"), capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    done = subprocess.run([*args, "--resume", "auto"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    runs = client.search_runs(["0"])
+    steps = sorted(r.data.tags[pt.STEP_TAG] for r in runs)
+    assert steps == ["data_prep", "main", "train"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    [train] = [r for r in runs if r.data.tags[pt.STEP_TAG] == "train"]
+    assert train.data.tags[tracking_resume.RESUMED_FROM_TAG] == "10"
+    logged = [m.step for m in client.get_metric_history(train.info.run_id, "train/loss")]
+    assert sorted(logged) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
