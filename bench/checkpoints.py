@@ -24,7 +24,7 @@ from pipeline.loop import TrainState, train_epoch
 from pipeline.losses import build_loss
 from pipeline.models import build_model, training_forward
 from pipeline.optimizers import build_optimizer
-from pipeline.tracking_resume import PointLog
+from pipeline.tracking.resume import PointLog
 
 EVERY = 20  # steps between checkpoints in the third way: far more often than the default
 

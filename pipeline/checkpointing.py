@@ -374,8 +374,9 @@ def resume_target(
     `pipeline sync`) are written first; a resume never runs ahead of its own log. Under
     `mlflow run`, the run `mlflow run` made is marked as the one that resumed this run.
     """
-    from pipeline import spool, tracking
-    from pipeline import tracking_resume as tr
+    from pipeline import tracking
+    from pipeline.tracking import resume as tr
+    from pipeline.tracking import spool
 
     if not config.resume:
         return None
@@ -427,7 +428,7 @@ def latest_payload(run_id: str, config: CheckpointConfig, check) -> dict | None:
     `check(payload)` raises if it belongs to another configuration. A checkpoint that cannot
     be read (an upload cut off) gives way to an older one.
     """
-    from pipeline import tracking_resume as tr
+    from pipeline.tracking import resume as tr
 
     here = {step_of(p.name): p for p in local(root(config.directory) / run_id)}
     try:
@@ -460,7 +461,7 @@ class Session:
     def __init__(self, run, state: TrainState, config: CheckpointConfig, meta: dict,
                  resumed, writer_pid: int | None = None) -> None:  # fmt: skip
         from pipeline import tracking
-        from pipeline import tracking_resume as tr
+        from pipeline.tracking import resume as tr
 
         self.run_id, self.state, self.config = run.run_id, state, config
         self.last: dict[str, int] = {}
@@ -524,7 +525,7 @@ class Session:
 
     def __exit__(self, kind, exc, tb) -> None:
         from pipeline import signals
-        from pipeline import tracking_resume as tr
+        from pipeline.tracking import resume as tr
 
         try:
             if kind is not None and issubclass(kind, KeyboardInterrupt):

@@ -193,7 +193,7 @@ def cli(ctx: click.Context) -> None:
     """Train PyTorch image classifiers and track them with MLflow."""
     if ctx.invoked_subcommand != "sync" and "--help" not in sys.argv and "-h" not in sys.argv:
         from pipeline import store
-        from pipeline.spool import check_settings, sync_quietly
+        from pipeline.tracking.spool import check_settings, sync_quietly
 
         check_settings()
         # Writes that earlier commands kept for an unreachable server (see `sync`).
@@ -378,7 +378,8 @@ def sync() -> None:
     server of MLFLOW_TRACKING_URI did not take; this writes them, in order, with each run's
     final status, and removes them. Exits 1 if the server is still unreachable.
     """
-    from pipeline import spool, store, tracking
+    from pipeline import store, tracking
+    from pipeline.tracking import spool
 
     uri = tracking.tracking_uri()
     lines, left = spool.sync(uri)
@@ -401,7 +402,7 @@ def cleanup(experiments: tuple[str, ...]) -> None:
     over 150 s old. A run of another host without a heartbeat is left alone. Ended runs
     keep their checkpoints: `train --resume RUN_ID` goes on from there.
     """
-    from pipeline import tracking_resume
+    from pipeline.tracking import resume as tracking_resume
 
     for run_id, why in tracking_resume.end_dead_runs(tracking_resume.experiment_ids(experiments)):
         click.echo(f"cleanup: run {run_id} ended KILLED ({why})")
@@ -450,7 +451,7 @@ def _main() -> int:
     except Exception as exc:
         if signals.received() is not None:  # e.g. a library wrapped our exception in its own
             return _interrupted()
-        from pipeline.spool import explain
+        from pipeline.tracking.spool import explain
 
         # A full disk or an unreachable tracking server: the path or the server, and why.
         if (message := explain(exc)) is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpointing, signals, tracking, tracking_resume
+from pipeline import checkpointing, signals, tracking
 from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import (
     CHOICES,
@@ -43,6 +43,7 @@ from pipeline.losses import build_loss
 from pipeline.models import build_model, count_parameters, training_forward
 from pipeline.optimizers import build_optimizer, resolve_hparams
 from pipeline.schedulers import build_scheduler, check_scheduler, check_warmup
+from pipeline.tracking import resume as tracking_resume
 
 
 @dataclass(frozen=True)
@@ -368,7 +369,7 @@ def _early_stopping_end(
 def resumed_model(run, step: int):
     """The model a resumed run logged (READY) before it was killed, if it got that far, so
     it is not logged twice; None otherwise."""
-    from pipeline import tracking_resume
+    from pipeline.tracking import resume as tracking_resume
 
     found = tracking_resume.ready_model(run.run_id, run.experiment_id, step)
     if found is None:

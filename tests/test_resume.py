@@ -22,11 +22,12 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline import checkpointing, tracking_resume
+from pipeline import checkpointing
 from pipeline import tracking as pt
 from pipeline.checkpointing import CheckpointConfig, Checkpointer, load, write_atomic
 from pipeline.configfile import FileErrors, checkpoint_config
 from pipeline.errors import PipelineError
+from pipeline.tracking import resume as tracking_resume
 
 from .conftest import ROOT, assert_one_line_error
 

@@ -1,8 +1,6 @@
 """The MLflow side of checkpoints and resume: which run to resume, whether its process is
 alive, what it logged already, and its checkpoints as artifacts.
 
-(Its own module until the tracking package exists; it then moves into it.)
-
 A resumed run never logs a step twice: `dedupe` drops every point at or below the last
 step each metric has in the run (MLflow cannot delete points, and the run's old writer
 process may have written points after its last checkpoint). The points it drops are the
@@ -30,6 +28,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
 from pipeline.errors import PipelineError
+from pipeline.tracking.artifacts import _no_progress_bar
+from pipeline.tracking.connection import _client
 
 HEARTBEAT_TAG = "pipeline.heartbeat"  # unix seconds, rewritten by the live process
 RESUMED_TAG = "pipeline.resumed"  # how many times the run was resumed
@@ -139,7 +139,7 @@ def find_resumable(
     )
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    runs = tracking._client().search_runs(
+    runs = _client().search_runs(
         [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=200
     )
     for run in runs:
@@ -233,7 +233,7 @@ def experiment_ids(names: tuple[str, ...] | list[str]) -> list[str]:
     one), or of every active experiment when none is named."""
     if names:
         return [tracking.experiment_by_name(n).experiment_id for n in names]
-    return [e.experiment_id for e in tracking._client().search_experiments()]
+    return [e.experiment_id for e in _client().search_experiments()]
 
 
 def end_dead_runs(experiment_ids: list[str]) -> list[tuple[str, str]]:
@@ -295,7 +295,7 @@ def uploaded(run_id: str) -> list[str]:
 
 def download(run_id: str, name: str, folder: Path) -> Path:
     """Checkpoint artifact `name` of the run, into `folder`."""
-    with tracking._no_progress_bar():
+    with _no_progress_bar():
         return Path(
             MlflowClient().download_artifacts(run_id, f"{ARTIFACT_DIR}/{name}", str(folder))
         )
