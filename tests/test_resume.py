@@ -364,3 +364,32 @@ def test_main_resumes_its_parent_and_train_child(tracking, tmp_path):
     assert train.data.tags[tracking_resume.RESUMED_FROM_TAG] == "10"
     logged = [m.step for m in client.get_metric_history(train.info.run_id, "train/loss")]
     assert sorted(logged) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+
+
+@pytest.mark.slow
+def test_retrain_resumes_a_killed_challenger(tracking, tmp_path):
+    """A retrain killed (SIGKILL) while its challenger trains: the next retrain ends the old
+    runs KILLED, prepares the same data again and resumes that challenger's run from its
+    checkpoint instead of training it from the start."""
+    client = MlflowClient()
+    config = tmp_path / "retrain.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name": "resumed-model",
+        "prep": {"data_dir": str(tmp_path / "data")},
+        "train": {"model": "mlp", "epochs": 2},
+        "checkpoint_every": "epoch",
+    }))  # fmt: skip
+    args = [sys.executable, "-m", "pipeline", "retrain", "--config", str(config),
+            "--lock-dir", str(tmp_path / "locks")]  # fmt: skip
+    killed = subprocess.run(args, cwd=tmp_path, env=_env("step:40"), capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [challenger] = pt.train_runs("0")
+    done = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"train: resuming run {challenger.info.run_id} from global step 29" in done.stdout
+    [train] = pt.train_runs("0")
+    assert train.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(train.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
