@@ -41,6 +41,7 @@ DIR_ENV = "PIPELINE_CHECKPOINT_DIR"
 KILL_AT_ENV = "PIPELINE_KILL_AT"  # tests only: SIGKILL this process at a named point
 FORMAT = 1
 DEFAULT_EVERY = "epoch,60s"
+UPLOAD_WAIT_S = 15.0  # what a run's end gives the last upload (a stop signal's checkpoint)
 _NAME = re.compile(r"step-(\d+)\.pt")
 _KILL_AT = os.environ.get(KILL_AT_ENV)  # read once: `kill_point` runs on every step
 
@@ -196,6 +197,7 @@ class Checkpointer:
         self.folder = root(config.directory) / run_id
         self.meta, self.points, self.upload = meta, points, upload
         self._thread: threading.Thread | None = None
+        self._uploading: threading.Thread | None = None
         self._error: BaseException | None = None
         self._last_time = time.monotonic()
         self._saved: list[int] = []  # global steps of the checkpoints written, in order
@@ -205,7 +207,7 @@ class Checkpointer:
         self.warned = False
 
     def due(self, state: TrainState) -> bool:
-        kill_point("step", state.step, self.join)
+        kill_point("step", state.step, self.settle)
         if self.every.steps and state.step % self.every.steps == 0:
             return True
         return bool(self.every.seconds) and (
@@ -259,19 +261,41 @@ class Checkpointer:
             write_atomic(path, payload)
             for old in local(self.folder)[1:]:
                 old.unlink(missing_ok=True)
-            if self.upload is not None:
-                try:
-                    older = [n for n in self._uploaded if n != path.name]
-                    self.upload(path, older)
-                    self._uploaded = [path.name]
-                except Exception as exc:  # noqa: BLE001 - the local copy still resumes here
-                    if not self.warned:
-                        self.warned = True
-                        print(f"Warning: checkpoint not uploaded to run {self.run_id}: "
-                              f"{str(exc).splitlines()[0][:200]}; kept in {self.folder}",
-                              file=sys.stderr)  # fmt: skip
+            self._start_upload(path)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread
             self._error = exc
+
+    def _start_upload(self, path: Path) -> None:
+        """Upload on a thread of its own, which training never waits for: while one is still
+        on its way (a slow or unreachable server), newer checkpoints are not uploaded; the
+        next one after it is."""
+        if self.upload is None or (self._uploading is not None and self._uploading.is_alive()):
+            return
+        self._uploading = threading.Thread(
+            target=self._upload, args=(path,), name="checkpoint-upload", daemon=True
+        )
+        self._uploading.start()
+
+    def _upload(self, path: Path) -> None:
+        try:
+            self.upload(path, [n for n in self._uploaded if n != path.name])
+            self._uploaded = [path.name]
+        except Exception as exc:  # noqa: BLE001 - the local copy still resumes here
+            if not self.warned:
+                self.warned = True
+                print(f"Warning: checkpoint not uploaded to run {self.run_id}: "
+                      f"{str(exc).splitlines()[0][:200]}; kept in {self.folder}",
+                      file=sys.stderr)  # fmt: skip
+
+    def settle(self) -> None:
+        """Wait for the checkpoint being written and uploaded (tests' kill points)."""
+        self.join()
+        self.wait_upload(60.0)
+
+    def wait_upload(self, timeout_s: float = UPLOAD_WAIT_S) -> None:
+        """Give the upload on its way at most `timeout_s` s to finish (a run's end)."""
+        if self._uploading is not None:
+            self._uploading.join(timeout_s)
 
     def join(self) -> None:
         """Wait for the checkpoint being written; raise what writing it raised."""
@@ -290,6 +314,7 @@ class Checkpointer:
         """At a FINISHED run's end: keep the final checkpoint, or drop it here and in the
         run's artifacts (`delete_uploaded(names)`)."""
         self.join()
+        self.wait_upload()
         if keep:
             return
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -531,11 +556,13 @@ class Session:
             if kind is not None and issubclass(kind, KeyboardInterrupt):
                 with signals.held():  # written whole, before the run ends KILLED
                     self.checkpointer.save(self.state, wait=True)
+                self.checkpointer.wait_upload()  # a spot machine: resumed elsewhere from it
             elif kind is None:
                 self.checkpointer.finish(
                     self.config.keep, lambda names: tr.delete(self.run_id, names)
                 )
             else:
                 self.checkpointer.join()
+                self.checkpointer.wait_upload()
         finally:
             self._heartbeat.stop()

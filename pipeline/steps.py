@@ -255,7 +255,7 @@ def run_train(
                 if state.batch < steps_per_epoch:  # else only its validation is left
                     train_epoch(state, x["train"], y["train"], loss_fn, tracker, cfg.batch_size,
                                 cfg.log_every, cfg.amp, session.checkpointer)  # fmt: skip
-                checkpointing.kill_point("val", state.epoch, session.checkpointer.join)
+                checkpointing.kill_point("val", state.epoch, session.checkpointer.settle)
                 val = evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
                 # At the epoch's last global step, on train/*'s x axis; `epoch` lets the UI
                 # plot any metric against epochs instead.
@@ -270,7 +270,7 @@ def run_train(
                         es.update(state.epoch, getattr(val, cfg.monitor[4:]), model)
                     state.batch = 0
                 session.checkpointer.epoch_end(state)
-                checkpointing.kill_point("epoch", state.epoch, session.checkpointer.join)
+                checkpointing.kill_point("epoch", state.epoch, session.checkpointer.settle)
         except Diverged as exc:  # an outcome, not a failure: the run ends FINISHED
             diverged = exc
         loop_seconds = time.perf_counter() - t_loop
