@@ -393,3 +393,94 @@ def test_retrain_resumes_a_killed_challenger(tracking, tmp_path):
     assert train.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(train.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+
+
+class _StopAt:
+    """A step hook that saves the state at `step` (as a checkpoint would) and then stops the
+    loop with a stop signal's exception, as SIGTERM would."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.saved = step, None
+
+    def due(self, state) -> bool:
+        return state.step == self.step
+
+    def __call__(self, state) -> None:
+        from pipeline.signals import Terminated
+
+        self.saved = checkpointing._copy(state.state_dict())
+        raise Terminated(signal.SIGTERM)
+
+
+def _mlp_state():
+    from pipeline.early_stopping import EarlyStopping
+    from pipeline.loop import TrainState
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10, 0.5)
+    state = TrainState(model, optimizer, torch.Generator().manual_seed(0), scheduler)
+    state.early_stopping = EarlyStopping(2, "val/loss")
+    return state
+
+
+def test_a_state_saved_mid_epoch_trains_on_bit_identically(sample_file):
+    """In-process, for the loop alone: stopped at step 37 (epoch 2, batch 8), saved, loaded
+    into a freshly built state and trained on, the rows and weights are the uninterrupted
+    ones exactly: the epoch's order is drawn again, the schedule and Adam go on."""
+    from pipeline.data import load_prepared, to_model_input
+    from pipeline.loop import train_epoch
+    from pipeline.losses import build_loss
+
+    from .test_components import Recorder
+
+    torch.set_num_threads(1)
+    split = load_prepared(sample_file).splits["train"]
+    x, y = to_model_input(split.images), split.labels
+    loss_fn = build_loss("cross_entropy")
+    whole, rec = _mlp_state(), Recorder()
+    for _ in range(3):
+        train_epoch(whole, x, y, loss_fn, rec)
+
+    first, before = _mlp_state(), Recorder()
+    stop = _StopAt(37)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(3):
+            train_epoch(first, x, y, loss_fn, before, on_step=stop)
+    resumed, after = _mlp_state(), Recorder()
+    resumed.load_state_dict(stop.saved)
+    assert (resumed.epoch, resumed.batch, resumed.step) == (2, 8, 37)
+    while not (resumed.epoch == 3 and resumed.batch == STEPS_PER_EPOCH):
+        train_epoch(resumed, x, y, loss_fn, after)
+    assert [r.step for r in before.rows] == list(range(1, 38))
+
+    def numbers(rows):  # all but the wall-clock time
+        return [(r.epoch, r.epoch_step, r.step, r.loss, r.accuracy, r.lr) for r in rows]
+
+    assert numbers(before.rows + after.rows) == numbers(rec.rows)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_early_stopping_rule_and_its_state():
+    """Stops after `patience` epochs without strict improvement; NaN never improves; the
+    best epoch's weights are a copy; its state round-trips through a checkpoint file."""
+    from pipeline.early_stopping import EarlyStopping
+
+    model = torch.nn.Linear(2, 1)
+    es = EarlyStopping(2, "val/accuracy")
+    outcomes = []
+    for epoch, value in enumerate([0.5, 0.7, 0.7, float("nan")], 1):
+        if epoch == 2:
+            torch.nn.init.constant_(model.weight, 3.0)
+        outcomes.append(es.update(epoch, value, model))
+        torch.nn.init.constant_(model.weight, -1.0)  # training goes on changing it
+    assert outcomes == [False, False, False, True]
+    assert (es.best, es.best_epoch, es.stopped_epoch) == (0.7, 2, 4)
+    assert torch.equal(es.best_weights["weight"], torch.full((1, 2), 3.0))
+    loss = EarlyStopping(1, "val/loss")
+    assert [loss.update(e, v, model) for e, v in [(1, 1.0), (2, 0.9), (3, 0.95)]] == [
+        False, False, True,
+    ]  # fmt: skip
