@@ -1,6 +1,7 @@
 """The `pipeline` command: prep, train, main and retrain, as the MLproject entry points call
-them, champion, which shows a registered model's champion and its history, and sync, which
-writes what runs kept while their tracking server was unreachable."""
+them, champion, which shows a registered model's champion and its history, sync, which
+writes what runs kept while their tracking server was unreachable, and cleanup, which ends
+KILLED the runs whose process is gone."""
 
 from __future__ import annotations
 
