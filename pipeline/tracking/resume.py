@@ -16,11 +16,9 @@ another host without a heartbeat (older code) is never taken for dead.
 from __future__ import annotations
 
 import contextlib
-import platform
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -303,10 +301,3 @@ def download(run_id: str, name: str, folder: Path) -> Path:
 
 def temporary_folder() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="pipeline-checkpoint-")
-
-
-def this_host() -> str:
-    return platform.node()
-
-
-UploadFn = Callable[[Path, list[str]], None]
