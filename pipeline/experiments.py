@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import (
     MAX_EXPERIMENT_NAME,
     MAX_RUN_NAME,
@@ -22,8 +23,10 @@ from pipeline.config import (
     check_range,
 )
 from pipeline.configfile import (
+    CHECKPOINT_KEYS,
     TRAIN_KEYS,
     FileErrors,
+    checkpoint_config,
     mapping,
     prep_config,
     read_yaml,
@@ -34,7 +37,7 @@ from pipeline.errors import PipelineError, quote
 from pipeline.steps import validate_train
 
 TOP_KEYS = ("experiment", "description", "data", "base", "grid", "runs", "seeds", "metric",
-            "direction")  # fmt: skip
+            "direction", *CHECKPOINT_KEYS)  # fmt: skip
 RANK_METRICS = (
     "test/accuracy",
     "test/loss",
@@ -71,6 +74,8 @@ class Experiment:
     direction: str
     digest: str  # sha256 of the file's bytes: identifies the sweep for resuming
     text: str
+    # `resume: auto` (default): an interrupted trial goes on from its checkpoint.
+    checkpoints: CheckpointConfig = CheckpointConfig(resume="auto")
 
 
 def default_direction(metric: str) -> str:
@@ -116,7 +121,8 @@ def _parse(path: Path, text: str, doc: object) -> Experiment:
     seeds = _seeds(err, doc, base, combos)
     trials = _trials(err, base, combos, seeds)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return Experiment(path, name, description, prep, trials, metric, direction, digest, text)
+    return Experiment(path, name, description, prep, trials, metric, direction, digest, text,
+                      checkpoint_config(err, doc))  # fmt: skip
 
 
 def _values(err: FileErrors, mapping: dict, where: str) -> dict[str, object]:

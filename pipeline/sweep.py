@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pipeline
 from pipeline import signals, store, tracking
+from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError, first_line
 from pipeline.experiments import Experiment, Trial, load_experiment
@@ -168,10 +169,12 @@ def _run_trials(
         f"sweep {exp.name!r}: {len(trials)} trials, {len(outcomes)} already finished, "
         f"{len(pending)} to run" + (f" in {parallel} processes" if parallel > 1 else "")
     )
+    # `auto` looks among this sweep's own trials: an interrupted one goes on where it stopped.
+    checkpoints = replace(exp.checkpoints, scope=parent_id)
     if parallel == 1:
-        ran = _run_here(pending, experiment_id)
+        ran = _run_here(pending, experiment_id, checkpoints)
     else:
-        ran = _run_in_processes(pending, experiment_id, parent_id, parallel)
+        ran = _run_in_processes(pending, experiment_id, parent_id, parallel, checkpoints)
     outcomes.update({o.trial.name: o for o in ran})
     return [outcomes[t.name] for t in trials]
 
@@ -188,14 +191,20 @@ def _skipped(trials: list[Trial], prepared: PrepResult, experiment_id: str) -> d
     return outcomes
 
 
-def _run_here(trials: list[Trial], experiment_id: str) -> list[Outcome]:
+def _run_here(
+    trials: list[Trial], experiment_id: str, checkpoints: CheckpointConfig
+) -> list[Outcome]:
     """Each trial as a nested run in this process; a failure is recorded and the sweep goes on."""
     outcomes = []
     for i, trial in enumerate(trials, 1):
         print(f"[{i}/{len(trials)}] {trial.name}")
         try:
             result = run_train(
-                trial.config, nested=True, experiment_id=experiment_id, run_name=trial.name
+                trial.config,
+                nested=True,
+                experiment_id=experiment_id,
+                run_name=trial.name,
+                checkpoints=checkpoints,
             )
         except Exception as exc:  # any failure of one trial; KeyboardInterrupt stops the sweep
             sys.stderr.write(store.redact(traceback.format_exc()))
@@ -215,7 +224,11 @@ def _at(step: int | str) -> str:
 
 
 def _run_in_processes(
-    trials: list[Trial], experiment_id: str, parent_id: str, parallel: int
+    trials: list[Trial],
+    experiment_id: str,
+    parent_id: str,
+    parallel: int,
+    checkpoints: CheckpointConfig,
 ) -> list[Outcome]:
     """`parallel` `pipeline trial` processes at a time, each logging to its own file.
 
@@ -229,7 +242,8 @@ def _run_in_processes(
             while queue and len(running) < parallel:
                 trial = queue.pop(0)
                 with signals.held():  # a process started but not yet in `running` is never stopped
-                    running[_spawn(trial, experiment_id, parent_id, parallel, logs)] = trial
+                    proc = _spawn(trial, experiment_id, parent_id, parallel, logs, checkpoints)
+                    running[proc] = trial
             time.sleep(POLL_SECONDS)
             for proc in [p for p in running if p.poll() is not None]:
                 trial = running.pop(proc)
@@ -260,12 +274,18 @@ def _keep_logs(logs: Path, parent_id: str) -> None:
 
 
 def _spawn(
-    trial: Trial, experiment_id: str, parent_id: str, parallel: int, logs: Path
+    trial: Trial,
+    experiment_id: str,
+    parent_id: str,
+    parallel: int,
+    logs: Path,
+    checkpoints: CheckpointConfig,
 ) -> subprocess.Popen:
     """Start `python -m pipeline trial SPEC` with this code, this store and a share of CPUs."""
     spec = json.dumps(
         {"config": asdict(trial.config), "name": trial.name, "experiment_id": experiment_id,
-         "parent_run_id": parent_id, "sweep_pid": os.getpid()}
+         "parent_run_id": parent_id, "sweep_pid": os.getpid(),
+         "checkpoints": asdict(checkpoints)}
     )  # fmt: skip
     root = str(Path(pipeline.__file__).resolve().parent.parent)  # the code this sweep runs
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -323,6 +343,7 @@ def run_trial_spec(spec: str) -> None:
         experiment_id=doc["experiment_id"],
         parent_run_id=doc["parent_run_id"],
         run_name=doc["name"],
+        checkpoints=CheckpointConfig(**doc.get("checkpoints", {})),
     )
 
 

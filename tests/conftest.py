@@ -43,6 +43,7 @@ def tracking(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PIPELINE_LOCK_DIR", str(tmp_path / "locks"))  # sweeps lock here too
     monkeypatch.setenv("PIPELINE_SPOOL_DIR", str(tmp_path / "spool"))  # never the user's own
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))  # likewise
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     yield uri

@@ -11,7 +11,8 @@ One module per job:
 - `experiments`: experiments found, created, marked as model training;
 - `queries`: reading runs back;
 - `artifacts`: files, evaluations and the logged model;
-- `spool`: what a run could not write to an unreachable server, kept and written later.
+- `spool`: what a run could not write to an unreachable server, kept and written later;
+- `resume`: resuming a run: dead or alive, its last logged steps, its checkpoint artifacts.
 
 Every public name is also reachable as `pipeline.tracking.<name>`, imported on first use:
 `import pipeline.tracking.spool` (every CLI start) and the writer process stay cheap.
@@ -25,7 +26,7 @@ from typing import Any
 from pipeline.tracking import spool
 
 _MODULES = ("tags", "versions", "connection", "writer", "runs", "processes", "experiments",
-            "queries", "artifacts")  # fmt: skip
+            "queries", "artifacts", "resume")  # fmt: skip
 _EXPORTS = {
     "tags": (
         "CODE_VERSION_TAG", "ENTRY_POINTS", "ENTRY_POINT_TAG", "ERROR_TAG", "EXPERIMENT_KIND_TAG",
