@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -155,10 +156,13 @@ def run_train(
     experiment_id: str | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ):
     """Train, evaluate and log one model; returns its run id and test metrics.
 
     `parent_run_id` nests the run under a run of another process (a sweep's parallel trials).
+    `on_epoch_end(epoch, {"val/loss": ..., "val/accuracy": ...})` is called after each
+    epoch's validation (a search's pruner); whatever it raises ends the run FAILED.
     """
     t0 = time.perf_counter()
     lr, momentum = validate_train(cfg)
@@ -247,6 +251,8 @@ def run_train(
                 )
                 if not math.isfinite(val.loss):  # logged train steps can miss it (log_every)
                     raise Diverged(state.step, val.loss, "val/loss")
+                if on_epoch_end is not None:
+                    on_epoch_end(state.epoch, {"val/loss": val.loss, "val/accuracy": val.accuracy})
         except Diverged as exc:  # an outcome, not a failure: the run ends FINISHED
             diverged = exc
         loop_seconds = time.perf_counter() - t_loop
