@@ -8,7 +8,7 @@
         optimizer: [sgd, adam]          # a list: a choice (group_by keys must be lists)
         loss: [cross_entropy, mse]
         lr: {log_uniform: [1e-4, 1.0]}
-        momentum: {uniform: [0.0, 0.99]}
+        momentum: {uniform: [0.0, 0.99], when: {optimizer: [momentum, nesterov]}}
         batch_size: [64, 128]
       pruner: median          # median, hyperband or none (off)
       final: {seeds: 5}       # the best setting of each group, again with seeds 1..5
@@ -16,7 +16,7 @@
       storage: sqlite:///optuna.db      # default: next to the tracking store
 
 A space parameter that does not apply to a group (momentum for adam, label_smoothing for
-mse) is not searched in that group. Every problem is a one-line PipelineError naming the file
+mse), or whose `when` the group does not match, is not searched in that group. Every problem is a one-line PipelineError naming the file
 and the key.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import typing
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from pipeline.config import TrainConfig, check_range
 from pipeline.configfile import TRAIN_KEYS, FileErrors, train_value
@@ -46,6 +46,7 @@ class Dimension:
     key: str
     kind: str  # "choice" or one of DISTRIBUTIONS
     values: tuple
+    when: tuple[tuple[str, tuple], ...] = ()  # searched only where these keys have these values
 
     def suggest(self, trial) -> object:
         """The value Optuna's `trial` proposes (or was given, for an enqueued trial)."""
@@ -157,12 +158,30 @@ def _space(err: FileErrors, space: object) -> list[Dimension]:
                 raise err(f"{where} {quote(spec)} repeats a value")
             dims.append(Dimension(key, "choice", values))
             continue
+        when = spec.pop("when", None) if isinstance(spec, dict) else None
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise err(f"{where} must be a list of choices or one of {{uniform: [low, high]}}, "
                       f"log_uniform, int, log_int, got {quote(spec)}")  # fmt: skip
         kind, bounds = next(iter(spec.items()))
-        dims.append(Dimension(key, kind, _bounds(err, where, key, kind, bounds, hints[key])))
+        bounds = _bounds(err, where, key, kind, bounds, hints[key])
+        dims.append(Dimension(key, kind, bounds, _when(err, f"{where}.when", when)))
     return dims
+
+
+def _when(err: FileErrors, where: str, when: object) -> tuple[tuple[str, tuple], ...]:
+    """`when: {optimizer: [momentum, nesterov]}`: searched only in the groups that match."""
+    if when is None:
+        return ()
+    if not isinstance(when, dict) or not when:
+        raise err(f"{where} must be a mapping of key: [values], got {quote(when)}")
+    out = []
+    for key, values in when.items():
+        if key not in TRAIN_KEYS:
+            raise err(f"unknown key {quote(key)} in {where}; valid keys: {', '.join(TRAIN_KEYS)}")
+        if not isinstance(values, list) or not values:
+            raise err(f"{where}.{key} must be a non-empty list of values, got {quote(values)}")
+        out.append((key, tuple(train_value(err, f"{where}.{key}", key, v) for v in values)))
+    return tuple(out)
 
 
 def _bounds(err: FileErrors, where: str, key: str, kind: str, bounds: object, hint: object):
@@ -234,7 +253,10 @@ def _applying(
     if problem := check({}):
         raise err(f"search group {name!r}: {problem}")
     kept = []
+    config = {**asdict(TrainConfig()), **base, **values}
     for dim in dims:
+        if any(config[k] not in allowed for k, allowed in dim.when):
+            continue
         problems = [check({dim.key: v}) for v in dim.values]
         if all(problems) and ("does not apply" in problems[0] or "applies to" in problems[0]):
             continue  # e.g. momentum for adam: not searched in this group
