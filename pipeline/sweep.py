@@ -72,6 +72,10 @@ def run_sweep(
         return []
     if run_id := os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run is the parent
         _check_mlflow_run_experiment(exp, run_id)
+    if exp.search is not None:  # a storage that cannot be opened fails before anything exists
+        from pipeline.search.run import open_studies_storage
+
+        opened = open_studies_storage(exp, storage)
     lock = sweep_lock_path(default_lock_dir(), exp.name, exp.digest, tracking.tracking_uri())
     with exclusive(lock, f"another sweep of {exp.path.name} (experiment {exp.name!r})"):
         experiment_id = tracking.ensure_experiment(exp.name)
@@ -79,7 +83,7 @@ def run_sweep(
             from pipeline.search.run import run_search
 
             resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
-            return run_search(exp, experiment_id, resume, workers, storage)
+            return run_search(exp, experiment_id, resume, workers, opened)
         if not run_id and (done := _all_done(exp, experiment_id)) is not None:
             return done
         resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
@@ -195,9 +199,13 @@ def _run_trials(
     pending = [t for t in trials if t.name not in outcomes]
     print(
         f"sweep {exp.name!r}: {len(trials)} trials, {len(outcomes)} already finished, "
-        f"{len(pending)} to run" + (f" in {parallel} processes" if parallel > 1 else "")
+        f"{len(pending)} to run"
+        + (f" in {parallel} processes" if parallel > 1 else "")
+        + (f" in {workers} workers" if workers > 1 else "")
     )
-    if parallel == 1:
+    if workers > 1 and pending:
+        ran = _run_in_workers(pending, experiment_id, parent_id, workers)
+    elif parallel == 1:
         ran = _run_here(pending, experiment_id)
     else:
         ran = _run_in_processes(pending, experiment_id, parent_id, parallel)

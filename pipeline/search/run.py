@@ -28,16 +28,21 @@ def storage_url(spec: SearchSpec, given: str | None) -> str:
     return given or spec.storage or studies.default_storage(tracking.tracking_uri())
 
 
+def open_studies_storage(exp: Experiment, storage: str | None) -> tuple[str, object]:
+    """(URL, opened Optuna storage) of the search's studies."""
+    url = storage_url(exp.search, storage)
+    return url, studies.open_storage(url)
+
+
 def run_search(exp: Experiment, experiment_id: str, resume: str | None, workers: int,
-               storage: str | None):  # fmt: skip
+               storage: tuple[str, object]):  # fmt: skip
     """The search, its final runs and their comparison, under one parent run; returns the
-    final runs' outcomes (sweep.Outcome)."""
+    final runs' outcomes (sweep.Outcome). `storage`: `open_studies_storage`'s."""
     from pipeline.steps import prep_or_reuse
     from pipeline.sweep import _end_orphans, _finish, _start_parent
 
     spec = exp.search
-    url = storage_url(spec, storage)
-    opened = studies.open_storage(url)  # a bad URL fails here, before any run exists
+    url, opened = storage
     with tracking.start_run(
         "sweep", f"sweep-{exp.path.stem}", experiment_id=experiment_id, run_id=resume
     ) as parent:
@@ -70,8 +75,9 @@ def run_search(exp: Experiment, experiment_id: str, resume: str | None, workers:
                         "experiment_id": parent.experiment_id, "parent_run_id": parent.run_id,
                         "data": prepared.run_id}  # fmt: skip
                 pool.run([task | {"offset": i} for i in range(workers)])
+                work(ctx, groups, wait=True)  # what `pipeline worker`s elsewhere still run
             else:
-                work(ctx, groups)
+                work(ctx, groups, wait=True)
             summary = _summary(groups, spec)
             tracking.log_dict(summary, "search.json")
             outcomes = _finals(exp, summary, ctx, prepared, pool)

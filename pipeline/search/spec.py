@@ -258,7 +258,7 @@ def _applying(
         if any(config[k] not in allowed for k, allowed in dim.when):
             continue
         problems = [check({dim.key: v}) for v in dim.values]
-        if all(problems) and ("does not apply" in problems[0] or "applies to" in problems[0]):
+        if any(p and ("does not apply" in p or "applies to" in p) for p in problems):
             continue  # e.g. momentum for adam: not searched in this group
         if bad := next((p for p in problems if p), None):
             raise err(f"search.space.{dim.key} in group {name!r}: {bad}")

@@ -104,7 +104,8 @@ def run_trial(ctx: Context, group: Group, study: optuna.Study, trial: optuna.Tri
                 study.tell(trial, seen["value"])
     _tag(ctx, name, run_id, tags | extra | {tracking_search.STATE_TAG: outcome}, status)
     value = seen.get("value")
-    print(f"search: {name} {outcome}" + (f" {spec.objective}={value:.4f}" if value else "")
+    print(f"search: {name} {outcome}"
+          + (f" {spec.objective}={value:.4f}" if value is not None else "")
           + f" ({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
     return outcome
 
@@ -120,9 +121,15 @@ def _tag(ctx: Context, name: str, run_id, tags: dict[str, str], status=None) -> 
         print(f"search: run {run_id} not tagged: {first_line(exc)}", file=sys.stderr)
 
 
-def work(ctx: Context, groups: list[tuple[Group, optuna.Study]], offset: int = 0) -> int:
+def work(
+    ctx: Context, groups: list[tuple[Group, optuna.Study]], offset: int = 0, wait: bool = False
+) -> int:
     """Take WAITING trials, one group after the other, until none is left; returns how many
-    this process ran. `offset` staggers where workers start, so the groups advance alike."""
+    this process ran. `offset` staggers where workers start, so the groups advance alike.
+
+    `wait` (the process that planned the studies): then also wait for the trials other
+    processes are running, taking any retry a dead one's trial leaves (`study.plan`).
+    """
     ran = 0
     while True:
         took = False
@@ -133,5 +140,20 @@ def work(ctx: Context, groups: list[tuple[Group, optuna.Study]], offset: int = 0
                 continue
             run_trial(ctx, group, study, trial)
             took, ran = True, ran + 1
-        if not took:
+        if took:
+            continue
+        if not wait or not _others_running(ctx, groups):
             return ran
+        time.sleep(WAIT_SECONDS)
+
+
+WAIT_SECONDS = 2.0
+
+
+def _others_running(ctx: Context, groups: list[tuple[Group, optuna.Study]]) -> bool:
+    """Whether other processes still run trials; plans a retry for any whose process died."""
+    running = 0
+    for group, study in groups:
+        studies.plan(study, ctx.spec, group)
+        running += studies.counts(study)["running"]
+    return running > 0
