@@ -31,8 +31,8 @@ def run_mode(mode: str, file: Path, n: int) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri,
-               "PIPELINE_LOCK_DIR": f"{tmp}/locks", "PIPELINE_SPOOL_DIR": f"{tmp}/spool"}  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
+        env |= {"PIPELINE_LOCK_DIR": f"{tmp}/locks", "PIPELINE_SPOOL_DIR": f"{tmp}/spool"}
         args = MODES[mode] + ([str(n)] if MODES[mode] else [])
         t0 = time.perf_counter()
         proc = subprocess.run(

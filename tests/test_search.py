@@ -78,7 +78,8 @@ HEAD = "experiment: x\nsearch:\n"
         ("  sampler: grid\n  space: {lr: {log_uniform: [0.001, 0.1]}}",
          "sampler grid needs lists of choices; search.space.lr is a range"),
         ("  n_trials: 2\n  space: {optimizer: [adam, nesterov], lr: [0.1],\n"
-         "    momentum: {uniform: [0, 0.9]}}\n  group_by: [optimizer]", "group 'nesterov': optimizer 'nesterov' needs momentum > 0"),
+         "    momentum: {uniform: [0, 0.9]}}\n  group_by: [optimizer]",
+         "group 'nesterov': optimizer 'nesterov' needs momentum > 0"),
         ("  n_trials: 2\n  space: {lr: [0.1]}\n  storage: optuna.db",
          "search.storage must be a database URL"),
         ("  n_trials: 2\n  space: {lr: [0.1]}\ngrid: {loss: [mse]}",

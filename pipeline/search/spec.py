@@ -16,8 +16,8 @@
       storage: sqlite:///optuna.db      # default: next to the tracking store
 
 A space parameter that does not apply to a group (momentum for adam, label_smoothing for
-mse), or whose `when` the group does not match, is not searched in that group. Every problem is a one-line PipelineError naming the file
-and the key.
+mse), or whose `when` the group does not match, is not searched in that group. Every
+problem is a one-line PipelineError naming the file and the key.
 """
 
 from __future__ import annotations
