@@ -157,7 +157,7 @@ def cli(ctx: click.Context) -> None:
     """Train PyTorch image classifiers and track them with MLflow."""
     if ctx.invoked_subcommand != "sync" and "--help" not in sys.argv and "-h" not in sys.argv:
         from pipeline import store
-        from pipeline.spool import check_settings, sync_quietly
+        from pipeline.tracking.spool import check_settings, sync_quietly
 
         check_settings()
         # Writes that earlier commands kept for an unreachable server (see `sync`).
@@ -367,7 +367,8 @@ def sync() -> None:
     server of MLFLOW_TRACKING_URI did not take; this writes them, in order, with each run's
     final status, and removes them. Exits 1 if the server is still unreachable.
     """
-    from pipeline import spool, store, tracking
+    from pipeline import store, tracking
+    from pipeline.tracking import spool
 
     uri = tracking.tracking_uri()
     lines, left = spool.sync(uri)
@@ -422,7 +423,7 @@ def _main() -> int:
     except Exception as exc:
         if signals.received() is not None:  # e.g. a library wrapped our exception in its own
             return _interrupted()
-        from pipeline.spool import explain
+        from pipeline.tracking.spool import explain
 
         # A full disk or an unreachable tracking server: the path or the server, and why.
         if (message := explain(exc)) is not None:

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import tracking, tracking_search
+from pipeline import tracking
 from pipeline.config import TrainConfig
 from pipeline.configfile import TRAIN_KEYS
 from pipeline.errors import PipelineError
 from pipeline.experiments import DIRECTIONS, default_direction
 from pipeline.stats import GroupStats, rank_groups
 from pipeline.steps import DIVERGED_STEP_TAG, DIVERGED_TAG
+from pipeline.tracking import search as tracking_search
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -103,8 +104,9 @@ def compare(
         runs = _sweep_runs(parent)
         if parent.data.tags.get(tracking_search.SEARCH_TAG) == "true":
             # The final runs are the result; the trials only chose their settings.
-            trials = [r for r in runs if r.data.tags.get(tracking_search.ROLE_TAG) == "trial"]
             runs = [r for r in runs if r.data.tags.get(tracking_search.ROLE_TAG) != "trial"]
+            studies = {r.data.tags.get(tracking_search.STUDY_TAG) for r in runs} - {None}
+            trials = tracking_search.trials_of(parent.info.experiment_id, studies)
         own_metric = parent.data.params.get("metric", DEFAULT_METRIC)
         own_direction = parent.data.params.get("direction") or default_direction(own_metric)
         title = f"sweep {parent.info.run_name} ({parent.info.run_id})"

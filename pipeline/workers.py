@@ -176,10 +176,11 @@ def _train(task: dict) -> dict:
     """One run: a grid trial or a final run; failures are a result, signals are raised."""
     import traceback
 
-    from pipeline import store, tracking_search
+    from pipeline import store
     from pipeline.config import TrainConfig
     from pipeline.errors import first_line
     from pipeline.steps import run_train
+    from pipeline.tracking import search as tracking_search
 
     try:
         result = run_train(

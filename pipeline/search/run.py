@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
-from pipeline import store, tracking, tracking_search
+from pipeline import store, tracking
 from pipeline.errors import PipelineError
 from pipeline.experiments import Experiment, Trial, load_experiment
 from pipeline.search import study as studies
 from pipeline.search.spec import SearchSpec
 from pipeline.search.trial import Context, work
+from pipeline.tracking import search as tracking_search
 
 DATA_TAG = "pipeline.search_data"  # the data_prep run id every trial trains on
 

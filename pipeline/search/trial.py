@@ -16,10 +16,11 @@ from dataclasses import dataclass, replace
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import signals, store, tracking_search
+from pipeline import signals, store
 from pipeline.errors import first_line
 from pipeline.search import study as studies
 from pipeline.search.spec import Group, SearchSpec
+from pipeline.tracking import search as tracking_search
 
 
 class Pruned(Exception):  # noqa: N818 - an outcome of a trial, not an error

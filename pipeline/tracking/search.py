@@ -1,5 +1,5 @@
 """The MLflow calls of a search (pipeline/search): trial outcomes on child runs, the runs a
-search and its workers look up. To move into the tracking package once it is split.
+search and its workers look up.
 
 A trial's run says what became of it at a glance in the MLflow UI: its status (FINISHED:
 completed or diverged, KILLED: pruned or interrupted, FAILED: an error) and its tags,
@@ -75,3 +75,12 @@ def running_search(experiment_name: str, file_digest: str) -> mlflow.entities.Ru
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def trials_of(experiment_id: str, studies: set[str]) -> list[mlflow.entities.Run]:
+    """The trial runs of these studies, under whichever parent run ran them (a search
+    resumed after its code changed has a new parent; its studies carry on)."""
+    runs = MlflowClient().search_runs(
+        [experiment_id], f"tags.`{ROLE_TAG}` = 'trial'", max_results=50000
+    )
+    return [r for r in runs if r.data.tags.get(STUDY_TAG) in studies]
