@@ -111,6 +111,14 @@ def test_bad_search_on_the_cli_is_one_line_and_creates_nothing(tracking, tmp_pat
     assert not (tmp_path / "optuna.db").exists()
 
 
+def test_worker_without_a_running_search_is_one_line(tracking, tmp_path):
+    path = _write(tmp_path, SEARCH.format(name="nothing-yet"))
+    proc = run_cli("worker", str(path), cwd=tmp_path)
+    assert_one_line_error(proc, "no running search of search.yaml in experiment 'nothing-yet'")
+    proc = run_cli("sweep", str(path), "--workers", "2", "--parallel", "2", cwd=tmp_path)
+    assert_one_line_error(proc, "--parallel starts a process per trial, --workers keeps N")
+
+
 def test_groups_search_only_what_applies_to_them(tmp_path):
     exp = load_experiment(_write(tmp_path, """
 experiment: x
