@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test test-fast lint format ui bench lock clean fashion-mnist
+.PHONY: run test test-fast lint format ui bench lock clean fashion-mnist team-server
 
 # The lock files pin every package with its hashes (`make lock` writes them; README, "Locked
 # environment"). pip installs from them in hash-checking mode, then the project on its own.
@@ -49,6 +49,11 @@ format: $(STAMP)
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The team set-up, locally: PostgreSQL (runs and search studies) and an mlflow server on it,
+# on 127.0.0.1 (deploy/team-server.sh; README, "Searches across hosts").
+team-server: $(STAMP)
+	PIPELINE_PYTHON=$(BIN)/python deploy/team-server.sh start
 
 # The bench compares against PyTorch Lightning, an extra installed only for it.
 bench: $(STAMP)

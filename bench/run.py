@@ -5,7 +5,8 @@ Prints samples/s (min / median / max over repeats, in alternating order) of
   (3) this project's step logging every step to MLflow, (4) Lightning + MLFlowLogger,
 then, for every model of the zoo, (3) against (2) through the same forward, the compute
 floor, data_prep's time, and a whole `pipeline train` split into phases beside the naive
-MLflow script (bench/naive.py) timed the same way.
+MLflow script (bench/naive.py) timed the same way, and the per-trial overhead of a sweep
+in-process, with --parallel and with --workers (bench/sweeps.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 import checkpoints  # noqa: E402
 import costs  # noqa: E402
 import floor  # noqa: E402
+import sweeps  # noqa: E402
 import torch  # noqa: E402
 import variants  # noqa: E402
 
@@ -51,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-train-run", action="store_true", help="skip the `pipeline train` run")
     p.add_argument("--only-checkpoints", action="store_true",
                    help="only the checkpointing costs (per step, per checkpoint)")  # fmt: skip
+    p.add_argument("--no-sweeps", action="store_true",
+                   help="skip the per-trial overhead of sweeps (bench/sweeps.py)")  # fmt: skip
     return p.parse_args()
 
 
@@ -212,6 +216,8 @@ def main() -> None:
                 f"  the same with the bench's Lightning importable (mlflow.pytorch imports it): "
                 f"wall {again['wall']:.2f} s, fixed {again['fixed (wall - loop)']:.2f} s"
             )
+    if not args.no_sweeps:  # in-process vs --parallel 2 vs --workers 2 on optimizers.yaml
+        sweeps.main([])
 
 
 if __name__ == "__main__":

@@ -328,12 +328,41 @@ def aligned(rows: list[list[str]]) -> list[str]:
     show_default=True,
     help="Trials run at once, each in its own process.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Long-lived worker processes, each running trial after trial.",
+)
+@click.option("--storage", default=None, help="Optuna storage URL of a search's studies "
+              "[default: the file's, else optuna.db beside the tracking store].")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="List the trials without running them.")
-def sweep(file: str, parallel: int, dry_run: bool) -> None:
+def sweep(file: str, parallel: int, workers: int, storage: str | None, dry_run: bool) -> None:
     """sweep: every trial of an experiment file (experiments/*.yaml) as child runs."""
     from pipeline.sweep import run_sweep
 
-    run_sweep(file, parallel, dry_run)
+    run_sweep(file, parallel, dry_run, workers, storage)
+
+
+@cli.command(short_help="Join a running search from this host.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--storage", default=None, help="Optuna storage URL of the search's studies.")
+def worker(file: str, storage: str | None) -> None:
+    """worker: run trials of the RUNNING search of FILE (same file, same tracking server)
+    until none is left waiting; its runs nest under the search's parent run."""
+    from pipeline.search.run import run_worker
+
+    run_worker(file, storage)
+
+
+@cli.command(hidden=True)
+@click.argument("sweep_pid", type=int)
+def serve(sweep_pid: int) -> None:
+    """A `--workers` process: tasks as JSON lines on stdin (pipeline/workers.py)."""
+    from pipeline.workers import serve as run_serve
+
+    run_serve(sweep_pid)
 
 
 @cli.command(short_help="Rank the train runs of an experiment or a sweep.")

@@ -1,8 +1,9 @@
 """Experiment files: a YAML sweep of training runs, loaded and checked before anything runs.
 
 A file names the MLflow experiment, a `base` of TrainConfig values, a `grid` (cartesian
-product) and/or explicit `runs`, optional `seeds`, optional `data` (PrepConfig values) and the
-metric to rank by. Every problem is a one-line PipelineError naming the file and the key.
+product) and/or explicit `runs`, optional `seeds`, or instead a `search` (pipeline/search),
+optional `data` (PrepConfig values) and the metric to rank by. Every problem is a one-line
+PipelineError naming the file and the key.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from pipeline.configfile import (
     train_values,
 )
 from pipeline.errors import PipelineError, quote
+from pipeline.search.spec import SearchSpec, parse_search
 from pipeline.steps import validate_train
 
-TOP_KEYS = ("experiment", "description", "data", "base", "grid", "runs", "seeds", "metric",
-            "direction", *CHECKPOINT_KEYS)  # fmt: skip
+TOP_KEYS = ("experiment", "description", "data", "base", "grid", "runs", "seeds", "search",
+            "metric", "direction", *CHECKPOINT_KEYS)  # fmt: skip
 RANK_METRICS = (
     "test/accuracy",
     "test/loss",
@@ -76,6 +78,7 @@ class Experiment:
     text: str
     # `resume: auto` (default): an interrupted trial goes on from its checkpoint.
     checkpoints: CheckpointConfig = CheckpointConfig(resume="auto")
+    search: SearchSpec | None = None  # a `search` section: trials come from Optuna instead
 
 
 def default_direction(metric: str) -> str:
@@ -117,6 +120,14 @@ def _parse(path: Path, text: str, doc: object) -> Experiment:
         )
     prep = prep_config(err, doc.get("data"), "data")
     base = _values(err, mapping(err, doc.get("base"), "base"), "base")
+    if "search" in doc:
+        if given := [k for k in ("grid", "runs", "seeds") if k in doc]:
+            raise err(f"key {given[0]!r} cannot be used with 'search': the search's space, "
+                      "group_by and final.seeds say what runs")  # fmt: skip
+        search = parse_search(err, doc["search"], base, metric, direction)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        return Experiment(path, name, description, prep, [], metric, direction, digest, text,
+                          search)  # fmt: skip
     combos = _grid(err, doc) + _runs(err, doc)
     seeds = _seeds(err, doc, base, combos)
     trials = _trials(err, base, combos, seeds)

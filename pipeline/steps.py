@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -159,11 +160,14 @@ def run_train(
     parent_run_id: str | None = None,
     run_name: str | None = None,
     checkpoints: CheckpointConfig | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ):
     """Train, evaluate and log one model; returns its run id and test metrics.
 
     `parent_run_id` nests the run under a run of another process (a sweep's parallel trials).
     `checkpoints`: when to write checkpoints and which run to resume (`CheckpointConfig`).
+    `on_epoch_end(epoch, {"val/loss": ..., "val/accuracy": ...})` is called after each
+    epoch's validation (a search's pruner); whatever it raises ends the run FAILED.
     """
     t0 = time.perf_counter()
     lr, momentum = validate_train(cfg)
@@ -271,6 +275,8 @@ def run_train(
                     state.batch = 0
                 session.checkpointer.epoch_end(state)
                 checkpointing.kill_point("epoch", state.epoch, session.checkpointer.settle)
+                if on_epoch_end is not None:
+                    on_epoch_end(state.epoch, {"val/loss": val.loss, "val/accuracy": val.accuracy})
         except Diverged as exc:  # an outcome, not a failure: the run ends FINISHED
             diverged = exc
         loop_seconds = time.perf_counter() - t_loop

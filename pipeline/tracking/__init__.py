@@ -11,8 +11,9 @@ One module per job:
 - `experiments`: experiments found, created, marked as model training;
 - `queries`: reading runs back;
 - `artifacts`: files, evaluations and the logged model;
-- `spool`: what a run could not write to an unreachable server, kept and written later;
-- `resume`: resuming a run: dead or alive, its last logged steps, its checkpoint artifacts.
+- `resume`: resuming a run: dead or alive, its last logged steps, its checkpoint artifacts;
+- `search`: a search's trial and final runs: their tags and states, and finding them;
+- `spool`: what a run could not write to an unreachable server, kept and written later.
 
 Every public name is also reachable as `pipeline.tracking.<name>`, imported on first use:
 `import pipeline.tracking.spool` (every CLI start) and the writer process stay cheap.
@@ -26,7 +27,7 @@ from typing import Any
 from pipeline.tracking import spool
 
 _MODULES = ("tags", "versions", "connection", "writer", "runs", "processes", "experiments",
-            "queries", "artifacts", "resume")  # fmt: skip
+            "queries", "artifacts", "resume", "search")  # fmt: skip
 _EXPORTS = {
     "tags": (
         "CODE_VERSION_TAG", "ENTRY_POINTS", "ENTRY_POINT_TAG", "ERROR_TAG", "EXPERIMENT_KIND_TAG",
