@@ -127,7 +127,7 @@ def _parse(path: Path, text: str, doc: object) -> Experiment:
         search = parse_search(err, doc["search"], base, metric, direction)
         digest = hashlib.sha256(text.encode()).hexdigest()
         return Experiment(path, name, description, prep, [], metric, direction, digest, text,
-                          search)  # fmt: skip
+                          checkpoint_config(err, doc), search=search)  # fmt: skip
     combos = _grid(err, doc) + _runs(err, doc)
     seeds = _seeds(err, doc, base, combos)
     trials = _trials(err, base, combos, seeds)
