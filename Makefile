@@ -4,7 +4,9 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+# Tests run in 2 processes (pytest-xdist); TEST_WORKERS=0 runs them in this one.
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?= -n $(TEST_WORKERS)
 BENCH_ARGS ?=
 
 .PHONY: run test test-fast lint format ui bench lock clean fashion-mnist team-server

@@ -264,8 +264,9 @@ def test_checkpoint_every_and_config_keys():
         checkpoint_config(err, {"resume": "sometimes"})
 
 
-def test_checkpointer_stall_is_small(tmp_path):
-    """The training thread only copies the state; the write is on a thread."""
+def test_checkpointer_writes_on_its_thread_and_keeps_only_the_newest(tmp_path):
+    """The training thread only copies the state; the write is on a thread. (What that costs
+    is measured by `make bench`, not asserted here: timings belong in benchmarks.)"""
     from pipeline.loop import TrainState
     from pipeline.models import build_model
 
@@ -279,7 +280,6 @@ def test_checkpointer_stall_is_small(tmp_path):
     ck.join()
     assert ck.count == 5
     assert [p.name for p in checkpointing.local(tmp_path / "r")] == ["step-000000005.pt"]
-    assert ck.stall_s / ck.count < 0.5
 
 
 @pytest.mark.slow
