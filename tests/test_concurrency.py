@@ -226,3 +226,41 @@ def test_two_retrains_with_differently_spelled_uris_do_not_both_run(tmp_path):
     first.send_signal(signal.SIGTERM)  # its own promotion is tested elsewhere
     first.communicate(timeout=120)
     assert len(list(locks.glob("*.lock"))) == 1
+
+
+def _log_test_metrics_together(barrier, results) -> None:
+    """One process of the test below: a run that logs test metrics measured on a dataset
+    (`tracking.log_metrics`, as `log_evaluation` does), once all 8 are ready."""
+    import mlflow
+
+    from pipeline import tracking
+
+    with mlflow.start_run(experiment_id="0"):
+        dataset = tracking.split_dataset(Path("/data/sample.pt"), "ab" * 32, "http://x/s", "test")
+        barrier.wait(timeout=300)
+        try:
+            tracking.log_metrics({"test/accuracy": 0.5}, step=1, dataset=dataset)
+            results.put("ok")
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            results.put(str(exc)[:200])
+
+
+@pytest.mark.slow
+def test_runs_logging_the_same_dataset_at_once_all_succeed(tracking):
+    """MLflow looks a dataset up, then inserts it: 8 runs doing so at one moment raced on
+    the table's unique key (2 of 8 failed here) until the loser tried again."""
+    import multiprocessing
+
+    MlflowClient().search_runs(["0"])  # the store exists before the race
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_log_test_metrics_together, args=(barrier, results))
+             for _ in range(8)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert outcomes == ["ok"] * 8
+    runs = MlflowClient().search_runs(["0"])
+    assert len(runs) == 8 and all(len(r.inputs.dataset_inputs) == 1 for r in runs)

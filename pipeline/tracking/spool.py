@@ -660,12 +660,12 @@ def _write_live(uri: str, run_id: str, write: Callable[[], T]) -> T | object:
     wait on a dead server again (a live try is made again after `PROBE_S`).
     """
     if not is_server(uri):
-        return write()
+        return _retry_lost_race(write)
     if not _try_live(RunSpool(uri, run_id)):
         return _KEPT
     try:
         with _no_http_retries():
-            result = write()
+            result = _retry_lost_race(write)
     except Exception as exc:
         reason = unreachable(exc)
         if reason is None:
@@ -674,6 +674,25 @@ def _write_live(uri: str, run_id: str, write: Callable[[], T]) -> T | object:
         return _KEPT
     _mark_down(None)
     return result
+
+
+def _retry_lost_race(write: Callable[[], T]) -> T:
+    """`write()`, once more if it lost a race to create the same dataset row.
+
+    MLflow logs a dataset input by looking the dataset up and inserting it when missing;
+    several runs of one experiment logging the same data at the same moment (a sweep's
+    trials, trains started together) can all miss it, and all but one then fail on the
+    table's unique key. The failed transaction wrote nothing, and a second attempt finds
+    the row the winner made.
+    """
+    try:
+        return write()
+    except Exception as exc:
+        text = str(exc)
+        unique = "UNIQUE constraint failed" in text or "duplicate key value" in text
+        if not (unique and "datasets" in text):
+            raise
+    return write()
 
 
 def _try_live(spool: RunSpool) -> bool:
