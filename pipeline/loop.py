@@ -122,8 +122,13 @@ def train_epoch(
     batch_size: int = 128,
     log_every: int = 1,
     amp: bool = False,
+    shard: Callable[[torch.Tensor], tuple[torch.Tensor, float]] | None = None,
 ) -> None:
     """One pass over (x, y) in a fresh shuffled order, batches sliced from device tensors.
+
+    `shard`, if given, maps each batch's indices to the part this process trains on and the
+    weight of its loss (see pipeline.distributed.BatchSplit); `batch_size` is then the
+    batch of all processes together.
 
     Raises `Diverged` when a logged step's loss is NaN or infinite; the state is then
     mid-epoch, its weights most likely not finite.
@@ -136,14 +141,16 @@ def train_epoch(
     pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
     try:
         for i, start in enumerate(range(0, len(x), batch_size)):
-            idx = order[start : start + batch_size]
+            idx, weight = order[start : start + batch_size], 1.0
+            if shard is not None:
+                idx, weight = shard(idx)
             # index_select gathers the same rows as x[idx] at half the cost of advanced indexing.
             xb, yb = x.index_select(0, idx), y.index_select(0, idx)
             with _autocast(x.device, amp):
                 logits = forward(xb)
                 loss = loss_fn(logits.float(), yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             lr = optimizer.param_groups[0]["lr"]  # the lr this step trains at
             optimizer.step()
             if scheduler is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import tracking
+from pipeline import distributed, tracking
 from pipeline.config import (
     CHOICES,
     DATASETS,
@@ -36,7 +36,7 @@ from pipeline.data import (
 )
 from pipeline.device import device_name, resolve_device
 from pipeline.errors import PATH_MAX, PipelineError, first_line, quote
-from pipeline.loop import Diverged, Evaluation, TrainState, evaluate, train_epoch
+from pipeline.loop import Diverged, Evaluation, TrainState, train_epoch
 from pipeline.losses import build_loss
 from pipeline.models import build_model, count_parameters, training_forward
 from pipeline.optimizers import build_optimizer, resolve_hparams
@@ -159,13 +159,17 @@ def run_train(
     """Train, evaluate and log one model; returns its run id and test metrics.
 
     `parent_run_id` nests the run under a run of another process (a sweep's parallel trials).
+    Started by torchrun, this process is one rank of a data-parallel training
+    (pipeline.distributed): one run, written by rank 0 alone.
     """
     t0 = time.perf_counter()
     lr, momentum = validate_train(cfg)
-    device = resolve_device(cfg.device)
+    group = distributed.setup(cfg.device, cfg.batch_size)
+    device = group.device
+    tracking = distributed.tracking_for(group)  # on ranks other than 0: one that writes nothing
     store = tracking.open_store_in_background()
     try:
-        path, digest = resolve_data(cfg.data)
+        path, digest = group.from_main(lambda: resolve_data(cfg.data))
         data = load_prepared(path, digest)
         steps_per_epoch = -(-len(data.splits["train"].labels) // cfg.batch_size)
         check_warmup(cfg, steps_per_epoch)
@@ -189,6 +193,7 @@ def run_train(
         state.forward = torch.compile(model)
     else:
         state.forward = training_forward(model)  # same result, a fraction of the arithmetic
+    state.forward = group.wrap(model, state.forward)
     loss_fn = build_loss(cfg.loss, cfg.label_smoothing)
     tracking.import_end_of_run()
     store.join()
@@ -203,6 +208,7 @@ def run_train(
         "dataset": data.dataset,
         "n_params": count_parameters(model),
         "train_size": len(y["train"]),
+        **group.params(),  # world_size, nnodes, backend of a DDP run
     }
     with tracking.start_run(
         "train",
@@ -213,6 +219,7 @@ def run_train(
         system_metrics=True,
         writer_process=writer,
     ) as run:
+        run.run_id = distributed.share_run_id(group, run.run_id)
         tracking.log_params(params)
         tracking.set_tags(
             {
@@ -222,8 +229,10 @@ def run_train(
                 "torch_num_threads": str(torch.get_num_threads()),
             }
         )
-        console = ConsoleReporter(cfg.epochs * steps_per_epoch, cfg.print_every)
-        tracker = Fanout([run.tracker, console])
+        total_steps = cfg.epochs * steps_per_epoch
+        console = ConsoleReporter(total_steps, cfg.print_every) if group.is_main else None
+        console = console or distributed.Quiet()  # one progress bar: rank 0's
+        tracker = group.tracker(Fanout([run.tracker, console]), len(y["train"]), cfg.batch_size)
         t_loop = time.perf_counter()
         diverged = None
         try:
@@ -237,8 +246,9 @@ def run_train(
                     cfg.batch_size,
                     cfg.log_every,
                     cfg.amp,
+                    group.shard(),
                 )
-                val = evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
+                val = group.evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
                 # At the epoch's last global step, on train/*'s x axis; `epoch` lets the UI
                 # plot any metric against epochs instead.
                 tracker.log_metrics(
@@ -253,7 +263,7 @@ def run_train(
         console.close()
         info = None
         if diverged is None:
-            test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
+            test = group.evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
             example = to_model_input(data.splits["test"].images[:2]).numpy()
             # Every point written first: log_model attaches to the model the run's metrics
             # at its step (the last step's train/*, val/*, epoch), whichever got there.
@@ -268,7 +278,7 @@ def run_train(
                                     test_split)  # fmt: skip
             tracking.set_tags({DIVERGED_TAG: "false"})
         else:
-            test = _diverged(diverged)
+            test = _diverged(diverged, tracking)
             model.cpu()
         samples = _samples_trained(state.epoch, state.step, steps_per_epoch, len(y["train"]),
                                    cfg.batch_size)  # fmt: skip
@@ -297,7 +307,7 @@ def run_train(
     return TrainResult(run.run_id, test.loss, test.accuracy, model_uri, model, at)
 
 
-def _diverged(exc: Diverged) -> Evaluation:
+def _diverged(exc: Diverged, tracking=tracking) -> Evaluation:
     """Record a diverged run: tags, and NaN test metrics at the step it diverged.
 
     The test split is not evaluated: weights that produced a loss that is not finite are not
@@ -357,18 +367,41 @@ def reusable_prep(prep: PrepConfig, experiment_id: str) -> PrepResult | None:
     )
 
 
-def run_main(prep: PrepConfig, train: TrainConfig) -> TrainResult:
-    """data_prep then train as child runs of one parent; a matching data_prep run is reused."""
+def run_main(prep: PrepConfig, train: TrainConfig, launch=None) -> TrainResult | None:
+    """data_prep then train as child runs of one parent; a matching data_prep run is reused.
+
+    With `launch` (pipeline.launch.Launch) asking for more than one process, train runs on
+    that many ranks, its one run still a child of the parent; returns None then.
+    """
     validate_prep(prep)
     validate_train(train)
+    if distributed.launched():  # every rank would prepare data and open a parent run
+        raise PipelineError(
+            "`pipeline main` is not a torchrun worker; run `pipeline main --nproc-per-node N` "
+            "(or torchrun ... -m pipeline train --data RUN_ID)"
+        )
+    if launch is not None and launch.needed:
+        from pipeline.distributed import check_batch_size
+
+        launch.check()
+        check_batch_size(train.batch_size, launch.world_size)
     with tracking.start_run("main", f"main-{train.run_name}") as parent:
         tracking.log_params(prep.params() | _requested(train))
         prepared = prep_or_reuse(prep, parent.experiment_id)
         tracking.set_tags(
             {"data_prep_run_id": prepared.run_id, "data_prep_reused": str(prepared.reused)}
         )
-        result = run_train(
-            replace(train, data=prepared.run_id), nested=True, experiment_id=parent.experiment_id
-        )
-        tracking.set_tags({"train_run_id": result.run_id})
+        train = replace(train, data=prepared.run_id)
+        if launch is not None and launch.needed:
+            from pipeline.launch import launch_train
+
+            result = None
+            run_id = launch_train(
+                train, launch, parent_run_id=parent.run_id, experiment_id=parent.experiment_id
+            )
+        else:
+            result = run_train(train, nested=True, experiment_id=parent.experiment_id)
+            run_id = result.run_id
+        if run_id is not None:  # None: rank 0 runs on another host
+            tracking.set_tags({"train_run_id": run_id})
     return result
