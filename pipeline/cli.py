@@ -445,6 +445,11 @@ def _main() -> int:
             return _interrupted()
         from pipeline.spool import explain
 
+        if "LOCAL_RANK" in os.environ:  # a rank of a DDP training: a peer that went away
+            from pipeline.distributed import explain as explain_group
+
+            if (message := explain_group(exc)) is not None:
+                return _fail(message, 1)
         # A full disk or an unreachable tracking server: the path or the server, and why.
         if (message := explain(exc)) is not None:
             return _fail(message, 1)

@@ -363,6 +363,18 @@ def threads_per_rank(local_world_size: int) -> int:
     return max(1, (cpus or 1) // local_world_size)
 
 
+def explain(exc: BaseException) -> str | None:
+    """One line for an error of the process group (a rank that died mid-collective: gloo's
+    'Connection reset by peer', NCCL's errors), else None."""
+    text = str(exc)
+    if isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text)
+    ):
+        reason = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+        return f"rank {env_rank()} lost the other ranks of its training: {reason[:300]}"
+    return None
+
+
 def _teardown() -> None:
     with contextlib.suppress(Exception):
         if dist.is_initialized():

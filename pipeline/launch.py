@@ -194,7 +194,7 @@ def _describe_failure(exc) -> str:
         how = f"exited with status {failure.exitcode}"
     return (
         f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {how}; the other "
-        "ranks were stopped and the run ended (see rank 0's lines above)"
+        "ranks were stopped"
     )
 
 

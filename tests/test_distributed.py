@@ -1,0 +1,225 @@
+"""Data-parallel training (pipeline/distributed.py, pipeline/launch.py): real ranks on gloo,
+started by `pipeline train --nproc-per-node`, by torchrun and by two launchers, against a
+real sqlite store. One thread per rank: the machine is small and shared."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import TrainConfig
+from pipeline.data import Split, load_prepared, save_prepared
+from pipeline.distributed import BatchSplit
+from pipeline.launch import train_args
+from pipeline.steps import run_train
+
+from .conftest import ROOT, assert_one_line_error, run_cli, start_cli
+
+TRAIN_SIZE = 3599  # odd: the last batch of 128 (15 samples) splits 8 / 7 between two ranks
+RTOL = 1e-5  # every train/loss point and the test metrics, 2 ranks against 1 process
+
+
+@pytest.fixture(scope="module")
+def odd_file(tmp_path_factory, sample_file) -> Path:
+    """The offline sample with one training image less."""
+    data = load_prepared(sample_file)
+    train = data.splits["train"]
+    data.splits["train"] = Split(train.images[:TRAIN_SIZE], train.labels[:TRAIN_SIZE])
+    path = tmp_path_factory.mktemp("odd") / "odd.pt"
+    save_prepared(data, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_rank(monkeypatch):
+    monkeypatch.setenv("PIPELINE_THREADS_PER_RANK", "1")
+
+
+def _runs(client: MlflowClient, step: str = "train") -> list:
+    return client.search_runs(["0"], f"tags.`pipeline.step` = '{step}'")
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _ranks(launcher: subprocess.Popen, timeout: float = 120) -> dict[int, int]:
+    """{rank: pid} of the ranks a launcher process started (its children)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for child in psutil.Process(launcher.pid).children():
+            env = child.environ()
+            if "RANK" in env:
+                found[int(env["RANK"])] = child.pid
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("no ranks started")
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if text in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no line with {text!r}; exit {proc.poll()}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("n_global, world", [(128, 2), (15, 2), (1, 2), (7, 3), (2, 4)])
+def test_batch_split_covers_each_sample_once_weighted_by_its_share(n_global, world):
+    idx = torch.randperm(1000)[:n_global]
+    parts = [BatchSplit(rank, world)(idx) for rank in range(world)]
+    taken = torch.cat([p for p, w in parts if w > 0])
+    assert torch.equal(taken, idx)  # in order, each once
+    # Weights n_local * world / n_global: DDP's mean of the weighted per-rank means is then
+    # the mean over the global batch.
+    assert sum(w for _, w in parts) == pytest.approx(world)
+    for (part, weight), rank in zip(parts, range(world), strict=True):
+        assert len(part) >= 1  # an empty rank still runs backward, on one sample at weight 0
+        assert BatchSplit(rank, world).sizes(n_global) == (len(part) if weight else 0)
+
+
+def test_train_args_give_back_the_config():
+    cfg = TrainConfig(data="x.pt", lr=0.1 + 0.2, momentum=None, amp=True, seed=2**64 - 1)
+    from pipeline.cli import cli
+
+    ctx = cli.commands["train"].make_context("train", train_args(cfg))
+    params = {k: v for k, v in ctx.params.items() if k in cfg.__dataclass_fields__}
+    assert TrainConfig(**params | {"compile": ctx.params["compile_"]}) == cfg
+
+
+def test_a_batch_that_does_not_divide_is_one_line_before_any_rank(tracking, tmp_path, odd_file):
+    proc = run_cli("train", "--data", str(odd_file), "--batch-size", "127",
+                   "--nproc-per-node", "2", cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(proc, "batch_size 127 does not divide among 2 ranks")
+    assert not _runs(MlflowClient(tracking))
+
+
+@pytest.mark.slow
+def test_two_ranks_log_one_run_with_the_single_process_numbers(tracking, tmp_path, odd_file):
+    """Same parameters and seed: every train/loss point within RTOL, accuracies exact (the
+    same samples at the same steps), and one run, written by rank 0."""
+    single = run_train(TrainConfig(data=str(odd_file), epochs=1, optimizer="momentum"))
+    proc = run_cli("train", "--data", str(odd_file), "--epochs", "1", "--optimizer", "momentum",
+                   "--nproc-per-node", "2", cwd=tmp_path, check=True)  # fmt: skip
+    client = MlflowClient(tracking)
+    (ddp,) = [r for r in _runs(client) if r.info.run_id != single.run_id]
+    assert ddp.info.status == "FINISHED"
+    assert f"run_id={ddp.info.run_id}" in proc.stdout and proc.stdout.count("train:") == 1
+    params = ddp.data.params
+    assert (params["world_size"], params["nnodes"], params["backend"]) == ("2", "1", "gloo")
+    assert ddp.data.tags["torch_num_threads"] == "1"
+    steps = -(-TRAIN_SIZE // 128)
+    for key in ("train/loss", "train/accuracy", "train/lr"):
+        one, two = (_history(client, r, key) for r in (single.run_id, ddp.info.run_id))
+        assert [s for s, _ in two] == list(range(1, steps + 1)), key
+        rtol = 0 if key != "train/loss" else RTOL
+        assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=rtol, abs=0), key
+    one = MlflowClient().get_run(single.run_id).data.metrics
+    for key in ("test/loss", "test/accuracy", "val/loss", "val/accuracy"):
+        assert ddp.data.metrics[key] == pytest.approx(one[key], rel=RTOL), key
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_cli_as_ranks(tracking, tmp_path, sample_file):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "pipeline", "train", "--data", str(sample_file), "--epochs", "1",
+         "--log-every", "1000"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _runs(MlflowClient(tracking))
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    assert "test/accuracy" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_main_keeps_its_parent_and_children(tracking, tmp_path):
+    proc = run_cli("main", "--epochs", "1", "--log-every", "1000", "--nproc-per-node", "2",
+                   cwd=tmp_path, check=True)  # fmt: skip
+    client = MlflowClient(tracking)
+    (parent,) = _runs(client, "main")
+    (train,) = _runs(client, "train")
+    (prep,) = _runs(client, "data_prep")
+    assert parent.info.status == train.info.status == "FINISHED", proc.stderr[-2000:]
+    assert train.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert prep.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.tags["train_run_id"] == train.info.run_id
+    assert train.data.params["world_size"] == "2"
+
+
+@pytest.mark.slow
+def test_two_launchers_form_one_training_with_one_run(tracking, tmp_path, sample_file):
+    """Two hosts, simulated: two launchers, --nnodes 2, a c10d rendezvous on 127.0.0.1."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [
+        start_cli("train", "--data", sample_file, "--epochs", "1", "--log-every", "1000",
+                  "--nnodes", "2", "--node-rank", rank, "--rdzv-endpoint", endpoint,
+                  cwd=tmp_path)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    (run,) = _runs(MlflowClient(tracking))
+    assert run.info.status == "FINISHED"
+    assert (run.data.params["world_size"], run.data.params["nnodes"]) == ("2", "2")
+    assert sum("train: test/loss" in out for out, _ in outputs) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_rank_takes_the_others_down_and_ends_the_run(
+    tracking, tmp_path, sample_file, victim
+):
+    """SIGKILL to one rank: the other is stopped, the launcher fails with one line, and the
+    run is not left RUNNING (rank 0 ends it; if rank 0 itself died, the launcher does)."""
+    launcher = start_cli("train", "--data", sample_file, "--epochs", "500",
+                         "--nproc-per-node", "2", cwd=tmp_path)  # fmt: skip
+    _wait_for_line(launcher, "epoch 1:")
+    os.kill(_ranks(launcher)[victim], signal.SIGKILL)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("Error: rank")]
+    assert f"Error: rank {victim} (local rank {victim}, pid" in errors[-1]
+    assert "was killed by SIGKILL" in errors[-1]
+    (run,) = _runs(MlflowClient(tracking))
+    assert run.info.status in ("FAILED", "KILLED")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_ends_the_run_killed(tracking, tmp_path, sample_file):
+    launcher = start_cli("train", "--data", sample_file, "--epochs", "500",
+                         "--nproc-per-node", "2", cwd=tmp_path)  # fmt: skip
+    _wait_for_line(launcher, "epoch 1:")
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, err[-3000:]
+    (run,) = _runs(MlflowClient(tracking))
+    assert run.info.status == "KILLED"
+    assert run.data.tags["pipeline.stopped_by"] == "SIGTERM"
+    steps = [s for s, _ in _history(MlflowClient(tracking), run.info.run_id, "train/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 29  # epoch 1, each once
