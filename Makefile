@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test test-fast lint format ui bench lock clean fashion-mnist
+.PHONY: run test test-fast lint format ui bench bench-ddp lock clean fashion-mnist
 
 # The lock files pin every package with its hashes (`make lock` writes them; README, "Locked
 # environment"). pip installs from them in hash-checking mode, then the project on its own.
@@ -54,6 +54,10 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/bench.txt
 	python bench/run.py $(BENCH_ARGS)
+
+# samples/s of 1 process vs N data-parallel ranks (2 on CPU, every GPU on CUDA), lenet5.
+bench-ddp: $(STAMP)
+	python bench/ddp.py $(BENCH_ARGS)
 
 # One resolution for every platform (--universal) from the oldest Python pyproject.toml allows.
 # uv prefers the pins already in a lock file: `make lock` after editing pyproject.toml changes

@@ -41,7 +41,7 @@ from torch import nn
 from pipeline import signals
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.loop import Diverged, Evaluation, StepLog, Tracker, evaluate
+from pipeline.loop import Diverged, Evaluation, StepLog, Tracker
 
 THREADS_ENV = "PIPELINE_THREADS_PER_RANK"  # overrides cpus / ranks on this host
 RUN_ID_FILE_ENV = "PIPELINE_RUN_ID_FILE"  # launch.py: where rank 0 writes the run id
@@ -152,13 +152,14 @@ class Group:
 
     def evaluate(
         self,
+        evaluate: Callable[..., Evaluation],
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
         loss_fn,
         num_classes: int,
     ) -> Evaluation:
-        """`loop.evaluate` over the whole split, each rank evaluating one contiguous part:
+        """`evaluate` (loop.evaluate) over the whole split, each rank evaluating one part:
         every sample once (DistributedSampler would pad with repeats). Every rank gets the
         split's mean loss, accuracy and confusion matrix; they equal one process's up to
         the order of float sums."""

@@ -36,7 +36,7 @@ from pipeline.data import (
 )
 from pipeline.device import device_name, resolve_device
 from pipeline.errors import PATH_MAX, PipelineError, first_line, quote
-from pipeline.loop import Diverged, Evaluation, TrainState, train_epoch
+from pipeline.loop import Diverged, Evaluation, TrainState, evaluate, train_epoch
 from pipeline.losses import build_loss
 from pipeline.models import build_model, count_parameters, training_forward
 from pipeline.optimizers import build_optimizer, resolve_hparams
@@ -248,7 +248,7 @@ def run_train(
                     cfg.amp,
                     group.shard(),
                 )
-                val = group.evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
+                val = group.evaluate(evaluate, model, x["val"], y["val"], loss_fn, data.num_classes)
                 # At the epoch's last global step, on train/*'s x axis; `epoch` lets the UI
                 # plot any metric against epochs instead.
                 tracker.log_metrics(
@@ -263,7 +263,8 @@ def run_train(
         console.close()
         info = None
         if diverged is None:
-            test = group.evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
+            test = group.evaluate(evaluate, model, x["test"], y["test"], loss_fn,
+                                  data.num_classes)  # fmt: skip
             example = to_model_input(data.splits["test"].images[:2]).numpy()
             # Every point written first: log_model attaches to the model the run's metrics
             # at its step (the last step's train/*, val/*, epoch), whichever got there.
