@@ -8,8 +8,10 @@ alternating order over the repeats, each on a fresh sqlite store. samples/s is t
 own `time/samples_per_second`: the training loop alone (all ranks' samples over its wall
 time), without start-up, evaluation and model logging.
 
-Threads: the one process gets torch's default (this machine's cores); each rank gets cores /
-ranks (pipeline.distributed.threads_per_rank), so both use the same cores.
+Threads: each rank gets cores / ranks (pipeline.distributed.threads_per_rank); the one
+process runs twice, with torch's default (this machine's cores: the same cores as the ranks)
+and with one thread (OMP_NUM_THREADS=1), since on a loaded machine several threads of one
+process can be far slower than one, which would flatter the ranks.
 """
 
 from __future__ import annotations
@@ -42,13 +44,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def train(data: Path, workdir: Path, args: argparse.Namespace, ranks: int) -> dict[str, float]:
-    """One `pipeline train` on a fresh store; its samples/s and loop seconds."""
+def train(
+    data: Path, workdir: Path, args: argparse.Namespace, ranks: int, one_thread: bool = False
+) -> dict[str, float]:
+    """One `pipeline train` on a fresh store; its samples/s, loop seconds, test accuracy."""
     from mlflow.tracking import MlflowClient
 
     workdir.mkdir(parents=True)
     store = f"sqlite:///{workdir}/mlflow.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store}
+    if one_thread:
+        env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pipeline", "train", "--data", str(data), "--model",
                args.model, "--epochs", "1", "--log-every", str(args.log_every)]  # fmt: skip
     if ranks > 1:
@@ -71,12 +77,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         root = costs.write_mnist_folder(Path(tmp) / "raw", args.images)
         data, _ = costs.time_prep(root)
-        results: dict[int, list[dict[str, float]]] = {1: [], ranks: []}
+        names = {"1": "1 process", "1t": "1 process, 1 thread",
+                 "n": f"{ranks} ranks (--nproc-per-node {ranks})"}  # fmt: skip
+        results: dict[str, list[dict[str, float]]] = {key: [] for key in names}
         load = os.getloadavg()[0]
         for repeat in range(args.repeats):
-            order = [1, ranks] if repeat % 2 == 0 else [ranks, 1]
-            for n in order:
-                results[n].append(train(data, Path(tmp) / f"r{repeat}-n{n}", args, n))
+            order = list(names) if repeat % 2 == 0 else list(reversed(names))
+            for key in order:
+                n = ranks if key == "n" else 1
+                workdir = Path(tmp) / f"r{repeat}-{key}"
+                results[key].append(train(data, workdir, args, n, one_thread=key == "1t"))
         load_end = os.getloadavg()[0]
     print(
         f"samples/s of the training loop, `pipeline train --model {args.model} --epochs 1 "
@@ -84,15 +94,17 @@ def main() -> None:
         f"60000 by default), {args.repeats} repeats in alternating order; {device}; load "
         f"average {load:.1f} at the start, {load_end:.1f} at the end"
     )
-    print(f"{'processes':<26}{'min':>9}{'median':>9}{'max':>9}  test/accuracy")
+    print(f"{'processes':<30}{'min':>9}{'median':>9}{'max':>9}  test/accuracy")
     medians = {}
-    for n, rows in results.items():
+    for key, rows in results.items():
         speeds = [r["samples/s"] for r in rows]
-        medians[n] = statistics.median(speeds)
-        name = "1 process" if n == 1 else f"{n} ranks (--nproc-per-node {n})"
+        medians[key] = statistics.median(speeds)
         accuracy = " ".join(f"{r['test/accuracy']:.4f}" for r in rows)
-        print(f"{name:<26}{min(speeds):>9.0f}{medians[n]:>9.0f}{max(speeds):>9.0f}  {accuracy}")
-    print(f"ratio {ranks} ranks / 1 process (medians): {medians[ranks] / medians[1]:.2f}x")
+        print(f"{names[key]:<30}{min(speeds):>9.0f}{medians[key]:>9.0f}{max(speeds):>9.0f}"
+              f"  {accuracy}")  # fmt: skip
+    best = max(medians["1"], medians["1t"])
+    print(f"ratio {ranks} ranks / the faster 1 process (medians): {medians['n'] / best:.2f}x"
+          f"  (/ 1 process at default threads: {medians['n'] / medians['1']:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

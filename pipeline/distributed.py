@@ -11,9 +11,11 @@ What makes a DDP run the same training as one process with the same parameters:
 
 - every rank draws the same permutation per epoch (same seed) and takes its contiguous part
   of each global batch (`BatchSplit`): `batch_size` stays the global batch;
-- DistributedDataParallel averages gradients over ranks; each rank's loss is weighted by
-  `local_n * world_size / global_n`, so the average is the gradient of the global batch's
-  mean also for a last batch that does not split evenly;
+- DistributedDataParallel averages gradients over ranks (the all-reduce sum divided by the
+  world size: https://pytorch.org/docs/stable/notes/ddp.html); each rank's loss is weighted
+  by `local_n * world_size / global_n`, so that average is the gradient of the global
+  batch's mean, also for a last batch that does not split evenly:
+  (1/W) sum_r (n_r W / n) mean_r = (1/n) sum_i loss_i;
 - logged `train/loss` and `train/accuracy` are the global batch's mean, reduced once per
   report of the loop (`StepReducer`), and each split is evaluated once, in parts
   (`Group.evaluate`).
@@ -457,9 +459,9 @@ def tracking_for(group: Group):
 
 
 def share_run_id(group: Group, run_id: str | None) -> str | None:
-    """Rank 0's run id, on every rank (rank 0 also tells the launcher, `note_run_id`)."""
-    if group.is_main and run_id is not None and group.active:
-        note_run_id(run_id)
-    if group.active and group.is_main:
-        return group.broadcast(run_id)
-    return run_id
+    """Rank 0's run id, on every rank: rank 0 sends it (and tells the launcher, see
+    `note_run_id`); the other ranks received it in `NoTracking.start_run`."""
+    if not (group.active and group.is_main):
+        return run_id
+    note_run_id(run_id)
+    return group.broadcast(run_id)

@@ -223,3 +223,34 @@ def test_sigterm_to_the_launcher_ends_the_run_killed(tracking, tmp_path, sample_
     assert run.data.tags["pipeline.stopped_by"] == "SIGTERM"
     steps = [s for s, _ in _history(MlflowClient(tracking), run.info.run_id, "train/loss")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 29  # epoch 1, each once
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_on_two_ranks_adopts_its_run_and_ctrl_c_ends_it_killed(
+    tracking, tmp_path, sample_file
+):
+    """`-P nproc_per_node=2`: rank 0 trains into the run `mlflow run` made; Ctrl-C (SIGINT to
+    the whole group) ends it KILLED, also after `mlflow run` has written FAILED over it."""
+    MlflowClient(tracking).search_experiments()  # create the store before `mlflow run` does
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        ["mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "train",
+         "-P", f"data={sample_file}", "-P", "epochs=500", "-P", "nproc_per_node=2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a shell makes for a command
+    )  # fmt: skip
+    _wait_for_line(proc, "epoch 1:")
+    client = MlflowClient(tracking)
+    (run,) = client.search_runs(["0"])  # the one `mlflow run` made, adopted by rank 0
+    assert run.data.params["nproc_per_node"] == "2" and run.data.params["world_size"] == "2"
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    deadline = time.monotonic() + 60
+    while client.get_run(run.info.run_id).info.status != "KILLED":
+        assert time.monotonic() < deadline, client.get_run(run.info.run_id).info.status
+        time.sleep(0.2)
+    time.sleep(1)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["pipeline.stopped_by"] == "SIGINT"
+    assert len(client.search_runs(["0"])) == 1
