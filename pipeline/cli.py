@@ -183,7 +183,7 @@ def cli(ctx: click.Context) -> None:
         if _other_rank():  # rank 0 alone talks to the tracking store
             return
         from pipeline import store
-        from pipeline.spool import check_settings, sync_quietly
+        from pipeline.tracking.spool import check_settings, sync_quietly
 
         check_settings()
         # Writes that earlier commands kept for an unreachable server (see `sync`).
@@ -377,7 +377,8 @@ def sync() -> None:
     server of MLFLOW_TRACKING_URI did not take; this writes them, in order, with each run's
     final status, and removes them. Exits 1 if the server is still unreachable.
     """
-    from pipeline import spool, store, tracking
+    from pipeline import store, tracking
+    from pipeline.tracking import spool
 
     uri = tracking.tracking_uri()
     lines, left = spool.sync(uri)
@@ -443,7 +444,7 @@ def _main() -> int:
     except Exception as exc:
         if signals.received() is not None:  # e.g. a library wrapped our exception in its own
             return _interrupted()
-        from pipeline.spool import explain
+        from pipeline.tracking.spool import explain
 
         if "LOCAL_RANK" in os.environ:  # a rank of a DDP training: a peer that went away
             from pipeline.distributed import explain as explain_group

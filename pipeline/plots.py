@@ -168,3 +168,28 @@ def _finish(fig, ax, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str]):
+    """The confusion matrix (`matrix[true][predicted]`, counts) as a labelled heat map."""
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    im = ax.imshow(matrix, cmap="Blues")
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix (test)",
+    )
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    peak = max(max(r) for r in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            color = "white" if n > peak / 2 else "black"
+            ax.text(j, i, n, ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -1,4 +1,4 @@
-"""A tracking server that goes away, and disks that fill up (pipeline/spool.py).
+"""A tracking server that goes away, and disks that fill up (pipeline/tracking/spool.py).
 
 Real parts only: a real `mlflow server` on 127.0.0.1 that is killed, frozen (SIGSTOP) and
 restarted on the same port; a port nothing listens on; a socket that accepts and never
@@ -23,7 +23,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from pipeline import spool
+from pipeline.tracking import spool
 
 from .conftest import assert_one_line_error, start_cli
 from .test_retrain import _env, _free_port, _wait_http
