@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import signals
+from pipeline import signals, tracking
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError, quote
 
@@ -147,12 +147,12 @@ def launch_train(
             # The launcher stopped the ranks with the same signal; deliver it to our own
             # handler now, which records it and raises Terminated (runs above end KILLED).
             _restore(handlers)
-            _keep_killed_under_mlflow_run(_read(run_id_file))
+            tracking.keep_killed_under_mlflow_run(_read(run_id_file))
             signal.raise_signal(exc.sigval)
             raise signals.Terminated(exc.sigval) from None  # a handler that did not raise
         except ChildFailedError as exc:
             _restore(handlers)
-            _end_if_orphaned(_read(run_id_file))
+            tracking.end_if_orphaned(_read(run_id_file))
             raise PipelineError(_describe_failure(exc)) from None
         finally:
             _restore(handlers)
@@ -197,26 +197,3 @@ def _describe_failure(exc) -> str:
         f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {how}; the other "
         "ranks were stopped"
     )
-
-
-def _keep_killed_under_mlflow_run(run_id: str | None) -> None:
-    """Under `mlflow run -e train`, keep the KILLED that rank 0 wrote: `mlflow run` writes
-    FAILED over its run once this process exits non-zero. The remedy of one process
-    (tracking._outlast_mlflow_run) is started here, since `mlflow run`'s child is this
-    launcher, not rank 0; it does nothing under any other parent."""
-    if run_id is not None:
-        from pipeline import tracking
-
-        with contextlib.suppress(Exception):
-            tracking._outlast_mlflow_run(run_id)
-
-
-def _end_if_orphaned(run_id: str | None) -> None:
-    """End KILLED the run of a rank 0 that died without ending it (SIGKILL, OOM killer)."""
-    if run_id is None:
-        return
-    from pipeline import tracking
-
-    with contextlib.suppress(Exception):
-        if (run := tracking.find_run(run_id)) is not None:
-            tracking.end_orphaned_runs([run])

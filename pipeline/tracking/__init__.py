@@ -11,6 +11,7 @@ One module per job:
 - `experiments`: experiments found, created, marked as model training;
 - `queries`: reading runs back;
 - `artifacts`: files, evaluations and the logged model;
+- `ranks`: rank 0's run as the launcher of a data-parallel training sees it;
 - `spool`: what a run could not write to an unreachable server, kept and written later.
 
 Every public name is also reachable as `pipeline.tracking.<name>`, imported on first use:
@@ -25,7 +26,7 @@ from typing import Any
 from pipeline.tracking import spool
 
 _MODULES = ("tags", "versions", "connection", "writer", "runs", "processes", "experiments",
-            "queries", "artifacts")  # fmt: skip
+            "queries", "artifacts", "ranks")  # fmt: skip
 _EXPORTS = {
     "tags": (
         "CODE_VERSION_TAG", "ENTRY_POINTS", "ENTRY_POINT_TAG", "ERROR_TAG", "EXPERIMENT_KIND_TAG",
@@ -56,6 +57,7 @@ _EXPORTS = {
         "log_artifact", "log_artifacts_to", "log_dict", "log_evaluation", "log_model",
         "log_prepared_data", "prepared_file_of", "split_dataset",
     ),
+    "ranks": ("end_if_orphaned", "keep_killed_under_mlflow_run"),
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = ["spool", *_MODULES, *_WHERE]
