@@ -34,6 +34,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -123,6 +124,39 @@ class Group:
         if kind == "error":
             raise MainRankFailed(str(value))
         return value
+
+    def local_copy(self, path: Path, digest: str) -> Path:
+        """The prepared file rank 0 resolved (`path`, sha256 `digest`) on this rank's host.
+
+        `path` itself where it holds that content; elsewhere (another host, without shared
+        storage) rank 0 sends the file's bytes to every rank, and a rank that lacks it keeps
+        them in the data cache, by digest, as a data_prep run's download would be
+        ($PIPELINE_DATA_CACHE, else ~/.cache/pipeline/data/<digest>/). A collective: every
+        rank calls it.
+        """
+        if not self.active:
+            return path
+        from pipeline.data import file_digest
+
+        have = path.is_file() and file_digest(path) == digest
+        lacking = self._all_reduce(torch.tensor([0 if have else 1]), dist.ReduceOp.MAX).item()
+        if not lacking:
+            return path
+        box = [path.read_bytes() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        if have:
+            return path
+        from pipeline.lock import cache_dir
+        from pipeline.tracking.artifacts import DATA_CACHE_ENV
+
+        cached = cache_dir(DATA_CACHE_ENV, "data") / digest[:16] / path.name
+        if not (cached.is_file() and file_digest(cached) == digest):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # Whole or not at all, also with several ranks of this host writing it at once.
+            part = cached.with_name(f".{cached.name}.{os.getpid()}")
+            part.write_bytes(box[0])
+            os.replace(part, cached)
+        return cached
 
     def barrier(self) -> None:
         if self.active:

@@ -170,7 +170,7 @@ def run_train(
     store = tracking.open_store_in_background()
     try:
         path, digest = group.from_main(lambda: resolve_data(cfg.data))
-        data = load_prepared(path, digest)
+        data = load_prepared(group.local_copy(path, digest), digest)
         steps_per_epoch = -(-len(data.splits["train"].labels) // cfg.batch_size)
         check_warmup(cfg, steps_per_epoch)
     except PipelineError:

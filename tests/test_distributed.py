@@ -17,8 +17,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrainConfig
-from pipeline.data import Split, load_prepared, save_prepared
-from pipeline.distributed import BatchSplit
+from pipeline.data import Split, file_digest, load_prepared, save_prepared
+from pipeline.distributed import BatchSplit, Group
 from pipeline.launch import train_args
 from pipeline.steps import run_train
 
@@ -114,6 +114,28 @@ def test_a_batch_that_does_not_divide_is_one_line_before_any_rank(tracking, tmp_
                    "--nproc-per-node", "2", cwd=tmp_path)  # fmt: skip
     assert_one_line_error(proc, "batch_size 127 does not divide among 2 ranks")
     assert not _runs(MlflowClient(tracking))
+
+
+def _local_copy_rank(rank: int, port: int, sample: Path, tmp: Path) -> None:
+    """One of two gloo ranks; rank 1's path stands for the file missing on its host."""
+    import torch.distributed as dist
+
+    os.environ["PIPELINE_DATA_CACHE"] = str(tmp / f"cache{rank}")
+    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    group = Group(torch.device("cpu"), rank, 2, rank, 2, 0, "gloo", BatchSplit(rank, 2))
+    path = sample if rank == 0 else tmp / "not-on-this-host" / sample.name
+    (tmp / f"rank{rank}").write_text(str(group.local_copy(path, file_digest(sample))))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_prepared_file_missing_on_a_host_is_sent_by_rank_0(tmp_path, sample_file):
+    torch.multiprocessing.spawn(_local_copy_rank, (_free_port(), sample_file, tmp_path), 2)
+    assert Path((tmp_path / "rank0").read_text()) == sample_file
+    copy = Path((tmp_path / "rank1").read_text())
+    assert copy.parent == tmp_path / "cache1" / file_digest(sample_file)[:16]
+    assert copy.read_bytes() == sample_file.read_bytes()
+    assert not (tmp_path / "cache0").exists() and len(list(copy.parent.iterdir())) == 1
 
 
 @pytest.mark.slow
