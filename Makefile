@@ -4,10 +4,12 @@ PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+# Tests run in 2 processes (pytest-xdist); TEST_WORKERS=0 runs them in this one.
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?= -n $(TEST_WORKERS)
 BENCH_ARGS ?=
 
-.PHONY: run test test-fast lint format ui bench bench-ddp lock clean fashion-mnist
+.PHONY: run test test-fast lint format ui bench bench-ddp lock clean fashion-mnist team-server
 
 # The lock files pin every package with its hashes (`make lock` writes them; README, "Locked
 # environment"). pip installs from them in hash-checking mode, then the project on its own.
@@ -49,6 +51,11 @@ format: $(STAMP)
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The team set-up, locally: PostgreSQL (runs and search studies) and an mlflow server on it,
+# on 127.0.0.1 (deploy/team-server.sh; README, "Searches across hosts").
+team-server: $(STAMP)
+	PIPELINE_PYTHON=$(BIN)/python deploy/team-server.sh start
 
 # The bench compares against PyTorch Lightning, an extra installed only for it.
 bench: $(STAMP)

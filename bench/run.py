@@ -5,7 +5,8 @@ Prints samples/s (min / median / max over repeats, in alternating order) of
   (3) this project's step logging every step to MLflow, (4) Lightning + MLFlowLogger,
 then, for every model of the zoo, (3) against (2) through the same forward, the compute
 floor, data_prep's time, and a whole `pipeline train` split into phases beside the naive
-MLflow script (bench/naive.py) timed the same way.
+MLflow script (bench/naive.py) timed the same way, and the per-trial overhead of a sweep
+in-process, with --parallel and with --workers (bench/sweeps.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `pipeline`
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
+import checkpoints  # noqa: E402
 import costs  # noqa: E402
 import floor  # noqa: E402
+import sweeps  # noqa: E402
 import torch  # noqa: E402
 import variants  # noqa: E402
 
@@ -48,6 +51,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(NAMES), help="comma-separated subset")
     p.add_argument("--models", default=",".join(MODELS), help="zoo models for the per-model ratio")
     p.add_argument("--no-train-run", action="store_true", help="skip the `pipeline train` run")
+    p.add_argument("--only-checkpoints", action="store_true",
+                   help="only the checkpointing costs (per step, per checkpoint)")  # fmt: skip
+    p.add_argument("--no-sweeps", action="store_true",
+                   help="skip the per-trial overhead of sweeps (bench/sweeps.py)")  # fmt: skip
     return p.parse_args()
 
 
@@ -171,6 +178,10 @@ def main() -> None:
 
         train = MNIST(str(raw_root), train=True)  # the same 60000 images for every variant
         x, y = to_model_input(train.data), train.targets
+        if args.only_checkpoints:
+            checkpoints.report(checkpoints.measure(args.models.split(","), x, y, args.repeats),
+                               args.repeats, len(x))  # fmt: skip
+            return
         calls = {n: runner(n, raw_root, x, y, tmp) for n in args.variants.split(",")}
         print(f"warm-up, then {args.repeats} repeats:")
         for call in calls.values():
@@ -181,6 +192,8 @@ def main() -> None:
         print_table(rates, args.repeats, len(x))
         per_model = measure_models(args.models.split(","), x, y, tmp, args.repeats)
         print_models(per_model, args.repeats, len(x))
+        ckpt = checkpoints.measure(args.models.split(","), x, y, args.repeats)
+        checkpoints.report(ckpt, args.repeats, len(x))
         print_floor(rates)
         print_phases(f"data_prep of {args.images} IDX images (in-process, no MLflow run)", prep)
         if not args.no_train_run:
@@ -203,6 +216,8 @@ def main() -> None:
                 f"  the same with the bench's Lightning importable (mlflow.pytorch imports it): "
                 f"wall {again['wall']:.2f} s, fixed {again['fixed (wall - loop)']:.2f} s"
             )
+    if not args.no_sweeps:  # in-process vs --parallel 2 vs --workers 2 on optimizers.yaml
+        sweeps.main([])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The `pipeline` command: prep, train, main and retrain, as the MLproject entry points call
-them, champion, which shows a registered model's champion and its history, and sync, which
-writes what runs kept while their tracking server was unreachable."""
+them, champion, which shows a registered model's champion and its history, sync, which
+writes what runs kept while their tracking server was unreachable, and cleanup, which ends
+KILLED the runs whose process is gone."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pipeline.config import (
 from pipeline.errors import PipelineError, quote
 
 PREP, TRAIN = PrepConfig(), TrainConfig()
+CKPT_EVERY = "epoch,60s"  # checkpointing.DEFAULT_EVERY, without importing torch for --help
 PREP_KEYS = tuple(f.name for f in fields(PrepConfig))
 LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
 
@@ -145,8 +147,43 @@ train_options = _options(
         click.option("--compile", "compile_", type=click.BOOL, is_flag=False, flag_value=True,
                      default=TRAIN.compile, show_default=True,
                      help="torch.compile the model (CUDA)."),
+        click.option("--early-stopping-patience", type=_typed("early_stopping_patience"),
+                     default=TRAIN.early_stopping_patience, show_default=True,
+                     help="Stop after N epochs without improvement of --monitor; 0 = off."),
+        click.option("--monitor", type=click.Choice(CHOICES["monitor"]), default=TRAIN.monitor,
+                     show_default=True, help="Early stopping's metric; a loss is minimised."),
+        click.option("--early-stopping-model", type=click.Choice(CHOICES["early_stopping_model"]),
+                     default=TRAIN.early_stopping_model, show_default=True,
+                     help="With early stopping: log the best epoch's model or the last."),
     ]
 )  # fmt: skip
+
+checkpoint_options = _options(
+    [
+        click.option("--resume", default=None, metavar="RUN_ID|auto",
+                     help="Resume this unfinished run from its checkpoint, or (auto) the newest "
+                     "one with the same parameters, data and code; none: a new run."),
+        click.option("--checkpoint-every", default=CKPT_EVERY, show_default=True,
+                     help="When to checkpoint: comma-separated 'epoch', N steps, Ns seconds; "
+                     "or 'none'."),
+        click.option("--keep-checkpoints", type=click.BOOL, is_flag=False, flag_value=True,
+                     default=False, show_default=True,
+                     help="Keep a finished run's final checkpoint (local and artifact)."),
+        click.option("--checkpoint-dir", default=None,
+                     help="Local checkpoint folder [default: $PIPELINE_CHECKPOINT_DIR or "
+                     "~/.cache/pipeline/checkpoints]."),
+    ]
+)  # fmt: skip
+
+
+def _checkpoint_config(kwargs: dict):
+    """The checkpoint options, taken out of `kwargs`; `--resume none` (or empty) is no resume."""
+    from pipeline.checkpointing import CheckpointConfig
+
+    resume = kwargs.pop("resume")
+    resume = None if resume is None or resume.lower() in ("", "none") else resume
+    return CheckpointConfig(kwargs.pop("checkpoint_every"), kwargs.pop("keep_checkpoints"),
+                            resume, kwargs.pop("checkpoint_dir"))  # fmt: skip
 
 
 launch_options = _options(
@@ -202,6 +239,7 @@ def prep(**kwargs) -> None:
 @cli.command(short_help="Fit one model on prepared data, log it to MLflow.")
 @click.option("--data", required=True, help="A prepared .pt file or a data_prep run id.")
 @train_options
+@checkpoint_options
 @launch_options
 # What `main --nproc-per-node` passes its ranks: nest the train run under main's parent.
 @click.option("--parent-run-id", default=None, hidden=True)
@@ -211,26 +249,30 @@ def train(data: str, compile_: bool, parent_run_id, experiment_id, **kwargs) -> 
     from pipeline.steps import run_train
 
     launch = _launch(*(kwargs.pop(k) for k in LAUNCH_KEYS))
+    checkpoints = _checkpoint_config(kwargs)
     cfg = _train_config(data, compile_, **kwargs)
     if launch.needed:
         from pipeline.launch import launch_train
 
-        launch_train(cfg, launch)
+        launch_train(cfg, launch, checkpoints=checkpoints)
         return
-    run_train(cfg, experiment_id=experiment_id, parent_run_id=parent_run_id)
+    run_train(cfg, experiment_id=experiment_id, parent_run_id=parent_run_id,
+              checkpoints=checkpoints)  # fmt: skip
 
 
 @cli.command(short_help="data_prep then train, as children of one run.")
 @prep_options
 @train_options
+@checkpoint_options
 @launch_options
 def main(compile_, **kwargs) -> None:
     """main: data_prep then train, as child runs of one parent run."""
     from pipeline.steps import run_main
 
     launch = _launch(*(kwargs.pop(k) for k in LAUNCH_KEYS))
+    checkpoints = _checkpoint_config(kwargs)
     prep_cfg = PrepConfig(**{k: kwargs.pop(k) for k in PREP_KEYS})
-    run_main(prep_cfg, _train_config("", compile_, **kwargs), launch)
+    run_main(prep_cfg, _train_config("", compile_, **kwargs), checkpoints, launch)
 
 
 @cli.command(short_help="Train a challenger; promote it only if better.")
@@ -326,12 +368,41 @@ def aligned(rows: list[list[str]]) -> list[str]:
     show_default=True,
     help="Trials run at once, each in its own process.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Long-lived worker processes, each running trial after trial.",
+)
+@click.option("--storage", default=None, help="Optuna storage URL of a search's studies "
+              "[default: the file's, else optuna.db beside the tracking store].")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="List the trials without running them.")
-def sweep(file: str, parallel: int, dry_run: bool) -> None:
+def sweep(file: str, parallel: int, workers: int, storage: str | None, dry_run: bool) -> None:
     """sweep: every trial of an experiment file (experiments/*.yaml) as child runs."""
     from pipeline.sweep import run_sweep
 
-    run_sweep(file, parallel, dry_run)
+    run_sweep(file, parallel, dry_run, workers, storage)
+
+
+@cli.command(short_help="Join a running search from this host.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--storage", default=None, help="Optuna storage URL of the search's studies.")
+def worker(file: str, storage: str | None) -> None:
+    """worker: run trials of the RUNNING search of FILE (same file, same tracking server)
+    until none is left waiting; its runs nest under the search's parent run."""
+    from pipeline.search.run import run_worker
+
+    run_worker(file, storage)
+
+
+@cli.command(hidden=True)
+@click.argument("sweep_pid", type=int)
+def serve(sweep_pid: int) -> None:
+    """A `--workers` process: tasks as JSON lines on stdin (pipeline/workers.py)."""
+    from pipeline.workers import serve as run_serve
+
+    run_serve(sweep_pid)
 
 
 @cli.command(short_help="Rank the train runs of an experiment or a sweep.")
@@ -388,6 +459,23 @@ def sync() -> None:
         click.echo(f"sync: nothing kept for {store.redact(uri)}")
     elif left:
         click.echo(f"sync: {left} run(s) still being written by their process; run sync later")
+
+
+@cli.command(short_help="End KILLED the runs whose process is gone.")
+@click.option("--experiment", "experiments", multiple=True,
+              help="Only this experiment (repeatable). [default: every experiment]")  # fmt: skip
+def cleanup(experiments: tuple[str, ...]) -> None:
+    """cleanup: end KILLED every RUNNING run whose process is gone (SIGKILL, a power cut).
+
+    A run's process is gone when, on this host, no process has its pid and start time
+    (tag pipeline.process); on another host, when its heartbeat (tag pipeline.heartbeat) is
+    over 150 s old. A run of another host without a heartbeat is left alone. Ended runs
+    keep their checkpoints: `train --resume RUN_ID` goes on from there.
+    """
+    from pipeline.tracking import resume as tracking_resume
+
+    for run_id, why in tracking_resume.end_dead_runs(tracking_resume.experiment_ids(experiments)):
+        click.echo(f"cleanup: run {run_id} ended KILLED ({why})")
 
 
 def entry() -> None:

@@ -30,7 +30,9 @@ from pipeline.config import TrainConfig
 from pipeline.configfile import TRAIN_KEYS
 from pipeline.errors import PipelineError
 from pipeline.experiments import DIRECTIONS, default_direction
+from pipeline.stats import GroupStats, rank_groups
 from pipeline.steps import DIVERGED_STEP_TAG, DIVERGED_TAG
+from pipeline.tracking import search as tracking_search
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -56,6 +58,8 @@ class Comparison:
     labels: dict[str, str] = field(default_factory=dict)  # run id -> name shown
     log_run_id: str = ""
     artifact_dir: str = ARTIFACT_DIR
+    groups: list[GroupStats] = field(default_factory=list)  # over seeds, when runs repeat
+    trials: list[Run] = field(default_factory=list)  # a search's trial runs (not ranked)
 
     def label(self, run: Run) -> str:
         return self.labels.get(run.info.run_id) or run.info.run_name
@@ -95,8 +99,14 @@ def compare(
     run is created or written to before the tables and plots are drawn.
     """
     parent = tracking.find_run(target) if RUN_ID.match(target) else None
+    trials: list[Run] = []
     if parent is not None:
         runs = _sweep_runs(parent)
+        if parent.data.tags.get(tracking_search.SEARCH_TAG) == "true":
+            # The final runs are the result; the trials only chose their settings.
+            runs = [r for r in runs if r.data.tags.get(tracking_search.ROLE_TAG) != "trial"]
+            studies = {r.data.tags.get(tracking_search.STUDY_TAG) for r in runs} - {None}
+            trials = tracking_search.trials_of(parent.info.experiment_id, studies)
         own_metric = parent.data.params.get("metric", DEFAULT_METRIC)
         own_direction = parent.data.params.get("direction") or default_direction(own_metric)
         title = f"sweep {parent.info.run_name} ({parent.info.run_id})"
@@ -111,6 +121,8 @@ def compare(
     if direction not in DIRECTIONS:
         raise PipelineError(f"direction {direction!r} is invalid; valid choices: max, min")
     comparison = _rank(title, [r for r in runs if r.info.status == "FINISHED"], metric, direction)
+    comparison.trials = trials
+    comparison.groups = group_stats(comparison)
     if (metric, direction) != (own_metric, own_direction):
         comparison.artifact_dir = f"{ARTIFACT_DIR}/{_slug(metric, direction)}"
     print(format_text(comparison))
@@ -125,8 +137,7 @@ def compare(
         comparison.log_run_id = log_to
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            for path in folder.iterdir():
-                shutil.copy(path, out / path.name)
+            shutil.copytree(folder, out, dirs_exist_ok=True)
     print(f"compare: tables and plots logged to run {log_to} under {comparison.artifact_dir}/")
     return comparison
 
@@ -237,6 +248,8 @@ def format_text(c: Comparison) -> str:
     lines.append("  ".join(k.ljust(width[k]) for k in columns))
     lines.append("  ".join("-" * width[k] for k in columns))
     lines += ["  ".join(r[k].ljust(width[k]) for k in columns) for r in rows]
+    if c.groups:
+        lines += ["", *format_groups(c)]
     return "\n".join(lines)
 
 
@@ -277,6 +290,8 @@ def _draw(c: Comparison, folder: Path) -> None:
         if c.metric in r.data.metrics
     ]  # fmt: skip
     plots.metric_bars(finals, c.metric, folder / "metric_by_optimizer_loss.png")
+    if c.groups:
+        _draw_groups(c, folder)
 
 
 def _bar_label(run: Run, varying: list[str]) -> str:
@@ -319,3 +334,151 @@ def _by_epoch(series: list):
         epochs = dict(tracking.metric_history(s.key, "epoch"))
         s.points = [(int(epochs.get(step, step)), value) for step, value in s.points]
     return series
+
+
+# --- statistics over seeds ------------------------------------------------------------------
+
+
+def group_stats(c: Comparison) -> list[GroupStats]:
+    """The runs grouped by everything but the seed (a search's final runs: by their group),
+    ranked by their mean; empty when no group holds more than one run."""
+    by_key: dict[str, list[Run]] = defaultdict(list)
+    for run in c.runs:
+        by_key[_group_key(run)].append(run)
+    if all(len(runs) < 2 for runs in by_key.values()):
+        return []
+    groups = [
+        GroupStats(key, _group_label(runs[0]), [_value(r, c.metric) for r in runs], runs)
+        for key, runs in by_key.items()
+    ]
+    return rank_groups(groups, c.direction)
+
+
+def _group_key(run: Run) -> str:
+    if group := run.data.tags.get(tracking_search.GROUP_TAG):
+        return group
+    return " ".join(f"{p}={run.data.params.get(p, '')}" for p in PARAM_KEYS if p != "seed")
+
+
+def _group_label(run: Run) -> str:
+    if group := run.data.tags.get(tracking_search.GROUP_TAG):
+        return group
+    return re.sub(r"-seed\d+$", "", run.info.run_name or run.info.run_id[:8])
+
+
+def _value(run: Run, metric: str) -> float:
+    value = run.data.metrics.get(metric)
+    return math.nan if value is None else value
+
+
+def group_rows(c: Comparison) -> list[dict[str, str]]:
+    """One row per group, best first: n, mean, std, the 95% interval, the params that tell
+    the groups apart, and for a search the trials it spent and their mean wall time."""
+    varying = [p for p in c.params if p != "seed"]
+    budget = _budgets(c.trials)
+    rows = []
+    for g in c.groups:
+        low, high = g.interval
+        first = g.members[0]
+        row = {"rank": g.rank, "group": g.label, "n": str(g.n), "mean": _fmt(g.mean),
+               "std": _fmt(g.std), "ci95_low": _fmt(low), "ci95_high": _fmt(high)}  # fmt: skip
+        if g.not_finite:
+            row["mean"] = f"nan ({g.not_finite} of {g.n} not finite)"
+        row |= {p: first.data.params.get(p, "") for p in varying}
+        if budget:
+            spent = budget.get(g.label, {})
+            row["trials"] = spent.get("trials", "0")
+            row["seconds_per_trial"] = spent.get("seconds", "")
+        rows.append(row)
+    return rows
+
+
+def _budgets(trials: list[Run]) -> dict[str, dict[str, str]]:
+    """Per search group: trials by outcome (`8 (5 complete, 3 pruned)`) and their mean wall
+    time, start to end of the run (set-up, loop, evaluation, logging)."""
+    by_group: dict[str, list[Run]] = defaultdict(list)
+    for run in trials:
+        by_group[run.data.tags.get(tracking_search.GROUP_TAG, "?")].append(run)
+    out = {}
+    for group, runs in by_group.items():
+        states: dict[str, int] = defaultdict(int)
+        for run in runs:
+            states[run.data.tags.get(tracking_search.STATE_TAG, "running")] += 1
+        ended = [(r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time]
+        detail = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        out[group] = {
+            "trials": f"{len(runs)} ({detail})",
+            "seconds": f"{sum(ended) / len(ended):.1f}" if ended else "",
+        }
+    return out
+
+
+def format_groups(c: Comparison) -> list[str]:
+    """The group table as aligned text lines, with a heading that says how to read it."""
+    rows = group_rows(c)
+    columns = list(rows[0])
+    width = {k: max(len(k), *(len(r[k]) for r in rows)) for k in columns}
+    heading = (f"{len(rows)} groups by mean {c.metric} over seeds, 95% t interval; "
+               "~best: interval overlaps the best one's, not distinguishable from it")  # fmt: skip
+    lines = [heading, "  ".join(k.ljust(width[k]) for k in columns)]
+    lines.append("  ".join("-" * width[k] for k in columns))
+    lines += ["  ".join(r[k].ljust(width[k]) for k in columns) for r in rows]
+    return lines
+
+
+def _write_groups(c: Comparison, folder: Path) -> None:
+    rows = group_rows(c)
+    with open(folder / "groups.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        bold = r["rank"] == "best"
+        lines.append("| " + " | ".join(f"**{r[k]}**" if bold and r[k] else r[k]
+                                       for k in columns) + " |")  # fmt: skip
+    (folder / "groups.md").write_text("\n".join(lines) + "\n")
+
+
+def _draw_groups(c: Comparison, folder: Path) -> None:
+    """Error bars per group, the final runs' training loss with a band over seeds, and for
+    a search the lr sensitivity of its trials and each study's optimization history."""
+    from pipeline import plots
+
+    _write_groups(c, folder)
+    bars = [
+        plots.GroupBar(g.label, g.members[0].data.params.get("optimizer", "?"), g.mean,
+                       *g.interval, g.n, g.not_finite)
+        for g in c.groups
+    ]  # fmt: skip
+    plots.group_errorbars(bars, c.metric, folder / "metric_by_group.png")
+    bands = [
+        plots.Band(g.label, g.members[0].data.params.get("optimizer", "?"),
+                   g.members[0].data.params.get("loss", "?"),
+                   [tracking.metric_history(r.info.run_id, "train/loss") for r in g.members])
+        for g in c.groups
+    ]  # fmt: skip
+    plots.loss_bands(bands, folder / "loss_band_over_seeds.png")
+    if not c.trials:
+        return
+    objective = next((m for m in ("val/accuracy", "val/loss") if c.metric.endswith(m[4:])),
+                     "val/accuracy")  # fmt: skip
+    points = []
+    for run in c.trials:
+        params = run.data.params
+        if "effective_lr" not in params:
+            continue
+        points.append(plots.TrialPoint(
+            run.data.tags.get(tracking_search.GROUP_TAG, "?"), params.get("optimizer", "?"),
+            params.get("loss", "?"), float(params["effective_lr"]),
+            _value(run, objective), run.data.tags.get(tracking_search.STATE_TAG, "?"),
+            int(run.data.tags.get(tracking_search.TRIAL_TAG, "0")),
+        ))  # fmt: skip
+    plots.lr_sensitivity(points, objective, folder / "lr_sensitivity.png")
+    history = folder / "history"
+    history.mkdir()
+    for group in sorted({p.group for p in points}):
+        mine = [p for p in points if p.group == group]
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", group)
+        plots.optimization_history(group, mine, objective, c.direction, history / f"{name}.png")

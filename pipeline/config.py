@@ -31,6 +31,8 @@ OPTIMIZERS = (
 )
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
+MONITORS = ("val/loss", "val/accuracy")  # early stopping; the direction follows the name
+ES_MODELS = ("best", "last")  # which epoch's weights an early-stopped run logs
 CHOICES = {
     "dataset": DATASETS,
     "model": MODELS,
@@ -39,6 +41,8 @@ CHOICES = {
     "device": DEVICES,
     "channels": (1, 3),  # grayscale or RGB
     "scheduler": SCHEDULERS,
+    "monitor": MONITORS,
+    "early_stopping_model": ES_MODELS,
 }
 
 
@@ -85,6 +89,10 @@ class TrainConfig:
     print_every: int = 0  # the notebook's "Epoch e, step i" line; 0 = off
     amp: bool = False  # bfloat16 autocast; worth it on CUDA only
     compile: bool = False  # torch.compile; pays off on CUDA for larger models
+    # Stop after this many epochs without improvement of `monitor`; 0 = off.
+    early_stopping_patience: int = 0
+    monitor: str = "val/loss"
+    early_stopping_model: str = "best"  # the model logged: the best epoch's, or the last
 
     @property
     def run_name(self) -> str:
@@ -154,6 +162,7 @@ RANGES = {
     "seed": SEED,
     "log_every": Range(1, integer=True),
     "print_every": Range(0, integer=True),
+    "early_stopping_patience": Range(0, integer=True),
 }
 
 

@@ -219,3 +219,26 @@ def convert(err: FileErrors, where: str, value: object, kind: object) -> object:
     if isinstance(value, str):
         return value
     raise err(f"{where} must be a string, got {quote(value)}")
+
+
+CHECKPOINT_KEYS = ("resume", "checkpoint_every")
+RESUME_CHOICES = ("auto", "never")
+
+
+def checkpoint_config(err: FileErrors, doc: dict):
+    """The file's `resume` (auto: a train run with the same params, data and code that did
+    not finish is resumed from its checkpoint; never: always a new run; default auto) and
+    `checkpoint_every` (as `pipeline train --checkpoint-every`) as a CheckpointConfig."""
+    from pipeline.checkpointing import DEFAULT_EVERY, CheckpointConfig, parse_every
+
+    resume = doc.get("resume", "auto")
+    if resume not in RESUME_CHOICES:
+        raise err(f"resume {quote(resume)} is invalid; valid choices: {', '.join(RESUME_CHOICES)}")
+    every = doc.get("checkpoint_every", DEFAULT_EVERY)
+    if not isinstance(every, (str, int)) or isinstance(every, bool):
+        raise err(f"checkpoint_every must be text such as 'epoch,60s', got {quote(every)}")
+    try:
+        parse_every(str(every))
+    except PipelineError as exc:
+        raise err(str(exc)) from None
+    return CheckpointConfig(every=str(every), resume=None if resume == "never" else "auto")

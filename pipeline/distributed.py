@@ -21,8 +21,9 @@ What makes a DDP run the same training as one process with the same parameters:
   (`Group.evaluate`).
 
 Only rank 0 talks to MLflow; every other rank gets `NoTracking`, which writes nothing and
-never opens the store. Checkpoints (once there are any) follow the same rule: rank 0 writes
-(`Group.is_main`), then `Group.barrier()`, then every rank loads.
+never opens the store. Checkpoints follow the same rule: rank 0 decides what to resume,
+loads the checkpoint and sends that state to every rank (`Group.share_state`); rank 0 alone
+writes, at points every rank decides alike (`checkpoint_session`).
 """
 
 from __future__ import annotations
@@ -157,6 +158,36 @@ class Group:
             part.write_bytes(box[0])
             os.replace(part, cached)
         return cached
+
+    def agree(self, value: bool) -> bool:
+        """Rank 0's `value` on every rank: one decision where the ranks' own could differ
+        (a checkpoint due after so many seconds of each rank's clock). A collective."""
+        if not self.active:
+            return value
+        flag = torch.tensor([int(bool(value)) if self.is_main else 0])
+        return bool(self._all_reduce(flag).item())
+
+    def share_state(self, state) -> None:
+        """Rank 0's training state (`loop.TrainState.state_dict`: weights, optimizer,
+        scheduler, early stopping, position, RNGs), loaded by every other rank: the
+        checkpoint rank 0 resumed from, sent as `torch.save` bytes over the process group
+        (no shared filesystem needed) and read with `torch.load(weights_only=True)`. A
+        collective: every rank calls it."""
+        if not self.active:
+            return
+        import io
+
+        from pipeline.checkpointing import _copy
+
+        blob = None
+        if self.is_main:
+            buffer = io.BytesIO()
+            torch.save(_copy(state.state_dict()), buffer)
+            blob = buffer.getvalue()
+        blob = self.broadcast(blob)
+        if not self.is_main:
+            state.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu",
+                                             weights_only=True))  # fmt: skip
 
     def barrier(self) -> None:
         if self.active:
@@ -481,6 +512,20 @@ class NoTracking:
 
     def log_evaluation(self, *args, **kwargs) -> None:
         pass
+
+
+def checkpoint_session(group: Group, run, state, config, meta: dict, resumed, writer):
+    """The run's checkpoints: `checkpointing.Session` on rank 0 (and for one process), which
+    alone resumes, reads MLflow and writes; `checkpointing.Follower` on the other ranks.
+    Seconds triggers follow rank 0's clock (`Group.agree`); a stopped DDP run writes no
+    checkpoint on its way out (see `Session`)."""
+    from pipeline import checkpointing
+
+    agree = group.agree if group.active else None
+    if group.is_main:
+        return checkpointing.Session(run, state, config, meta, resumed, writer.proc.pid,
+                                     agree=agree, signal_checkpoint=not group.active)  # fmt: skip
+    return checkpointing.Follower(run, state, config, agree)
 
 
 def tracking_for(group: Group):

@@ -1,8 +1,9 @@
 """Experiment files: a YAML sweep of training runs, loaded and checked before anything runs.
 
 A file names the MLflow experiment, a `base` of TrainConfig values, a `grid` (cartesian
-product) and/or explicit `runs`, optional `seeds`, optional `data` (PrepConfig values) and the
-metric to rank by. Every problem is a one-line PipelineError naming the file and the key.
+product) and/or explicit `runs`, optional `seeds`, or instead a `search` (pipeline/search),
+optional `data` (PrepConfig values) and the metric to rank by. Every problem is a one-line
+PipelineError naming the file and the key.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import (
     MAX_EXPERIMENT_NAME,
     MAX_RUN_NAME,
@@ -22,8 +24,10 @@ from pipeline.config import (
     check_range,
 )
 from pipeline.configfile import (
+    CHECKPOINT_KEYS,
     TRAIN_KEYS,
     FileErrors,
+    checkpoint_config,
     mapping,
     prep_config,
     read_yaml,
@@ -31,10 +35,11 @@ from pipeline.configfile import (
     train_values,
 )
 from pipeline.errors import PipelineError, quote
+from pipeline.search.spec import SearchSpec, parse_search
 from pipeline.steps import validate_train
 
-TOP_KEYS = ("experiment", "description", "data", "base", "grid", "runs", "seeds", "metric",
-            "direction")  # fmt: skip
+TOP_KEYS = ("experiment", "description", "data", "base", "grid", "runs", "seeds", "search",
+            "metric", "direction", *CHECKPOINT_KEYS)  # fmt: skip
 RANK_METRICS = (
     "test/accuracy",
     "test/loss",
@@ -71,6 +76,9 @@ class Experiment:
     direction: str
     digest: str  # sha256 of the file's bytes: identifies the sweep for resuming
     text: str
+    # `resume: auto` (default): an interrupted trial goes on from its checkpoint.
+    checkpoints: CheckpointConfig = CheckpointConfig(resume="auto")
+    search: SearchSpec | None = None  # a `search` section: trials come from Optuna instead
 
 
 def default_direction(metric: str) -> str:
@@ -112,11 +120,20 @@ def _parse(path: Path, text: str, doc: object) -> Experiment:
         )
     prep = prep_config(err, doc.get("data"), "data")
     base = _values(err, mapping(err, doc.get("base"), "base"), "base")
+    if "search" in doc:
+        if given := [k for k in ("grid", "runs", "seeds") if k in doc]:
+            raise err(f"key {given[0]!r} cannot be used with 'search': the search's space, "
+                      "group_by and final.seeds say what runs")  # fmt: skip
+        search = parse_search(err, doc["search"], base, metric, direction)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        return Experiment(path, name, description, prep, [], metric, direction, digest, text,
+                          checkpoint_config(err, doc), search=search)  # fmt: skip
     combos = _grid(err, doc) + _runs(err, doc)
     seeds = _seeds(err, doc, base, combos)
     trials = _trials(err, base, combos, seeds)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return Experiment(path, name, description, prep, trials, metric, direction, digest, text)
+    return Experiment(path, name, description, prep, trials, metric, direction, digest, text,
+                      checkpoint_config(err, doc))  # fmt: skip
 
 
 def _values(err: FileErrors, mapping: dict, where: str) -> dict[str, object]:

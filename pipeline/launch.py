@@ -96,19 +96,36 @@ def train_args(cfg: TrainConfig) -> list[str]:
     return args
 
 
+def checkpoint_args(ck) -> list[str]:
+    """`pipeline train` options that give back the CheckpointConfig `ck` (None: defaults)."""
+    if ck is None:
+        return []
+    from pipeline.checkpointing import parse_every
+
+    parse_every(ck.every)  # a bad value is one line here, not one per rank
+    args = ["--checkpoint-every", ck.every, "--keep-checkpoints", "true" if ck.keep else "false"]
+    args += ["--resume", ck.resume or "none"]
+    if ck.directory:
+        args += ["--checkpoint-dir", ck.directory]
+    return args
+
+
 def launch_train(
     cfg: TrainConfig,
     launch: Launch,
     *,
     parent_run_id: str | None = None,
     experiment_id: str | None = None,
+    checkpoints=None,
 ) -> str | None:
     """Train `cfg` on `launch.world_size` ranks; returns rank 0's run id (None on the hosts
     that do not run rank 0).
 
     Checks the options and the training parameters first (one-line errors, nothing
-    started). Raises PipelineError when a rank fails, and `signals.Terminated` when this
-    process gets a stop signal (the ranks then end the run KILLED).
+    started). `checkpoints` (checkpointing.CheckpointConfig) reaches every rank as the
+    same options; rank 0 decides what `--resume` resumes. Raises PipelineError when a
+    rank fails, and `signals.Terminated` when this process gets a stop signal (the ranks
+    then end the run KILLED).
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -122,7 +139,7 @@ def launch_train(
     check_batch_size(cfg.batch_size, launch.world_size)
     if parent_run_id is None:
         resolve_data(cfg.data)  # a bad --data is one line here, not one per rank
-    args = ["-m", "pipeline", "train", *train_args(cfg)]
+    args = ["-m", "pipeline", "train", *train_args(cfg), *checkpoint_args(checkpoints)]
     if parent_run_id:
         args += ["--parent-run-id", parent_run_id, "--experiment-id", experiment_id]
     with tempfile.TemporaryDirectory(prefix="pipeline-ddp-") as folder:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from pipeline import signals
+from pipeline.early_stopping import EarlyStopping
 from pipeline.losses import LossFn
 
 SYNC_EVERY = 50  # logged steps kept on the device before one host transfer
@@ -56,7 +58,15 @@ class Tracker(Protocol):
 
 @dataclass
 class TrainState:
-    """Everything a resumed run needs: weights, optimizer moments, lr schedule, counters, RNG."""
+    """Everything a resumed run needs: weights, optimizer moments, lr schedule, counters,
+    early stopping and every RNG, so that training on from `state_dict()` gives bit for bit
+    what training on without the interruption would have (same device and thread count).
+
+    Counters: `epoch` is the epoch in progress, or the last one completed when `batch` is 0;
+    `batch` the batches of `epoch` trained so far (all of them: its validation is pending).
+    `epoch_rng` is the shuffling generator's state when `epoch` drew its order, so a resumed
+    epoch draws the same order again and goes on from batch `batch`.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -65,6 +75,9 @@ class TrainState:
     scheduler: LRScheduler | None = None
     epoch: int = 0
     step: int = 0
+    batch: int = 0
+    epoch_rng: torch.Tensor | None = field(default=None, repr=False)
+    early_stopping: EarlyStopping | None = None
     # A faster stand-in for model(x) with the same result (compiled, or collapsed), if any.
     forward: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
@@ -76,7 +89,16 @@ class TrainState:
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
             "step": self.step,
-        }
+            "batch": self.batch,
+            "epoch_rng": self.epoch_rng,
+            "early_stopping": None if self.early_stopping is None
+            else self.early_stopping.state_dict(),
+            # Not drawn from while training today (no dropout, no augmentation), kept so
+            # that a model or loss that does draw resumes exactly too.
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "python_rng": random.getstate(),
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -87,6 +109,27 @@ class TrainState:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.epoch, self.step = state["epoch"], state["step"]
+        self.batch, self.epoch_rng = state.get("batch", 0), state.get("epoch_rng")
+        if (self.early_stopping is None) != (state.get("early_stopping") is None):
+            raise ValueError("the saved state and this one differ in early stopping")
+        if self.early_stopping is not None:
+            self.early_stopping.load_state_dict(state["early_stopping"])
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("python_rng") is not None:
+            version, internal, gauss = state["python_rng"]
+            random.setstate((version, tuple(internal), gauss))
+
+
+class StepHook(Protocol):
+    """Called between training steps (checkpointing): `due` after every step, cheaply;
+    when it says so, the pending rows go to the tracker first, then `__call__`."""
+
+    def due(self, state: TrainState) -> bool: ...
+
+    def __call__(self, state: TrainState) -> None: ...
 
 
 @dataclass
@@ -122,26 +165,35 @@ def train_epoch(
     batch_size: int = 128,
     log_every: int = 1,
     amp: bool = False,
+    on_step: StepHook | None = None,
     shard: Callable[[torch.Tensor], tuple[torch.Tensor, float]] | None = None,
 ) -> None:
-    """One pass over (x, y) in a fresh shuffled order, batches sliced from device tensors.
+    """One pass over (x, y) in a fresh shuffled order, batches sliced from device tensors;
+    or, when `state` stopped inside an epoch (0 < batch < batches), the rest of that one.
 
     `shard`, if given, maps each batch's indices to the part this process trains on and the
     weight of its loss (see pipeline.distributed.BatchSplit); `batch_size` is then the
     batch of all processes together.
 
     Raises `Diverged` when a logged step's loss is NaN or infinite; the state is then
-    mid-epoch, its weights most likely not finite.
+    mid-epoch, its weights most likely not finite. A stop signal (`signals.Terminated`)
+    leaves the state between two steps (see `signals.deferred`).
     """
     model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
     forward = state.forward or model
     model.train()
-    state.epoch += 1
-    order = torch.randperm(len(x), generator=state.generator).to(x.device)
+    batches = -(-len(x) // batch_size)
+    if 0 < state.batch < batches:  # resumed inside the epoch: its order again
+        order = torch.randperm(len(x), generator=_generator_at(state.epoch_rng))
+    else:
+        state.epoch, state.batch = state.epoch + 1, 0
+        state.epoch_rng = state.generator.get_state()
+        order = torch.randperm(len(x), generator=state.generator)
+    order = order.to(x.device)
     pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
     try:
-        for i, start in enumerate(range(0, len(x), batch_size)):
-            idx, weight = order[start : start + batch_size], 1.0
+        for i in range(state.batch, batches):
+            idx, weight = order[i * batch_size : (i + 1) * batch_size], 1.0
             if shard is not None:
                 idx, weight = shard(idx)
             # index_select gathers the same rows as x[idx] at half the cost of advanced indexing.
@@ -152,19 +204,34 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             (loss if weight == 1.0 else loss * weight).backward()
             lr = optimizer.param_groups[0]["lr"]  # the lr this step trains at
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            state.step += 1
-            if state.step % log_every == 0:
-                # Device tensors, read in one transfer by _report; accuracy is computed there
-                # too, for all pending steps at once, rather than with three small ops per step.
-                pending.append((i, state.step, time.time(), loss.detach(), logits.detach(), yb, lr))
-                if len(pending) >= SYNC_EVERY:
-                    _report(state, pending, tracker)
+            with signals.deferred:  # the update, its count and its row, whole
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                state.step += 1
+                state.batch = i + 1
+                if state.step % log_every == 0:
+                    # Device tensors, read in one transfer by _report; accuracy is computed
+                    # there too, for all pending steps at once, not with small ops per step.
+                    pending.append(
+                        (i, state.step, time.time(), loss.detach(), logits.detach(), yb, lr)
+                    )
+                    if len(pending) >= SYNC_EVERY:
+                        _report(state, pending, tracker)
+            if on_step is not None and on_step.due(state):
+                _report(state, pending, tracker)  # a checkpoint never runs ahead of the log
+                on_step(state)
     finally:
         # Also on the way out of an interrupted epoch: every completed step is reported.
         _report(state, pending, tracker)
+
+
+def _generator_at(rng_state: torch.Tensor | None) -> torch.Generator:
+    if rng_state is None:
+        raise ValueError("a state inside an epoch without the epoch's generator state")
+    generator = torch.Generator()
+    generator.set_state(rng_state)
+    return generator
 
 
 def _report(state: TrainState, pending: list, tracker: Tracker) -> None:

@@ -193,3 +193,155 @@ def confusion_figure(matrix: list[list[int]], classes: list[str]):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+# --- statistics over seeds and searches ----------------------------------------------------
+
+
+@dataclass
+class GroupBar:
+    """One group's mean over seeds with its 95% interval (infinite with one seed)."""
+
+    label: str
+    optimizer: str
+    mean: float
+    low: float
+    high: float
+    n: int
+    not_finite: int = 0
+
+
+def group_errorbars(groups: list[GroupBar], metric: str, path: Path) -> None:
+    """The mean of `metric` per group, best first as given, with 95% interval error bars.
+
+    A group with one seed has no interval: its point is drawn without a bar and labelled
+    n=1. A group with a value that is not finite has no mean: it is named at the axis with
+    how many of its seeds were not finite, never drawn as a number.
+    """
+    colors, _ = _styles([Series(g.label, g.label, g.optimizer, "", []) for g in groups])
+    fig, ax = plt.subplots(figsize=(max(8, 1 + 0.45 * len(groups)), 5.5))
+    finite = [g.mean for g in groups if math.isfinite(g.mean)]
+    floor = min(finite) if finite else 0.0
+    for i, g in enumerate(groups):
+        if not math.isfinite(g.mean):
+            ax.annotate(f"{g.not_finite}/{g.n} not finite", (i, floor), ha="center",
+                        va="bottom", fontsize=7, rotation=90)  # fmt: skip
+            continue
+        bounded = math.isfinite(g.low) and math.isfinite(g.high)
+        err = [[g.mean - g.low], [g.high - g.mean]] if bounded else None
+        ax.errorbar(i, g.mean, yerr=err, fmt="o", capsize=4, color=colors[g.optimizer])
+        if not bounded:
+            ax.annotate("n=1", (i, g.mean), xytext=(4, 0), textcoords="offset points",
+                        fontsize=7)  # fmt: skip
+    ax.set_xticks(range(len(groups)), [g.label for g in groups], rotation=45, ha="right")
+    ax.set(ylabel=metric, title=f"{metric} by group: mean over seeds, 95% t interval")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class Band:
+    """A group's training-loss curves, one per seed, as (step, value) points."""
+
+    label: str
+    optimizer: str
+    loss: str
+    curves: list[list[tuple[int, float]]]
+
+
+def loss_bands(bands: list[Band], path: Path) -> None:
+    """Per group, the mean train/loss over seeds at each step (smoothed as in `loss_curves`)
+    with a band from the lowest to the highest seed; only steps every seed logged, finite."""
+    colors, styles = _styles([Series(b.label, b.label, b.optimizer, b.loss, []) for b in bands])
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for b in bands:
+        by_step = [dict(c) for c in b.curves]
+        steps = sorted(set.intersection(*(set(d) for d in by_step))) if by_step else []
+        rows = [[d[s] for d in by_step] for s in steps]
+        keep = [(s, r) for s, r in zip(steps, rows, strict=True) if all(map(math.isfinite, r))]
+        if not keep:
+            continue
+        window = max(1, len(keep) // 15)
+        xs = [s for s, _ in keep]
+        mean = _smooth([statistics.fmean(r) for _, r in keep], window)
+        low = _smooth([min(r) for _, r in keep], window)
+        high = _smooth([max(r) for _, r in keep], window)
+        color = colors[b.optimizer]
+        ax.plot(xs, mean, color=color, linestyle=styles[b.loss],
+                label=f"{b.label} ({len(b.curves)} seeds)")  # fmt: skip
+        ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="train/loss (log scale)",
+           title="Final runs' training loss: mean over seeds, band from min to max")  # fmt: skip
+    _finish(fig, ax, path)
+
+
+@dataclass
+class TrialPoint:
+    """One search trial: its group, lr and the validation metric it reached (or was pruned
+    at), and its outcome (complete, pruned, diverged, failed)."""
+
+    group: str
+    optimizer: str
+    loss: str
+    lr: float
+    value: float
+    state: str
+    number: int
+
+
+def lr_sensitivity(points: list[TrialPoint], metric: str, path: Path) -> None:
+    """`metric` against the learning rate (log x axis), one line per optimizer and loss
+    through its completed trials; pruned trials as hollow markers at the value they were
+    stopped at; diverged and failed ones as x at the bottom of the axis."""
+    series = [Series(p.group, p.group, p.optimizer, p.loss, []) for p in points]
+    colors, styles = _styles(series)
+    fig, ax = plt.subplots(figsize=(10, 6))
+    finite = [p.value for p in points if math.isfinite(p.value)]
+    bottom = min(finite) if finite else 0.0
+    for opt, loss in sorted({(p.optimizer, p.loss) for p in points}):
+        mine = sorted((p for p in points if (p.optimizer, p.loss) == (opt, loss)),
+                      key=lambda p: p.lr)  # fmt: skip
+        done = [p for p in mine if p.state == "complete" and math.isfinite(p.value)]
+        ax.plot([p.lr for p in done], [p.value for p in done], marker="o", markersize=4,
+                color=colors[opt], linestyle=styles[loss], label=f"{opt} {loss}")  # fmt: skip
+        pruned = [p for p in mine if p.state == "pruned" and math.isfinite(p.value)]
+        ax.scatter([p.lr for p in pruned], [p.value for p in pruned], facecolors="none",
+                   edgecolors=colors[opt], s=25)  # fmt: skip
+        bad = [p for p in mine if p.state in ("diverged", "failed") or not math.isfinite(p.value)]
+        ax.scatter([p.lr for p in bad], [bottom] * len(bad), marker="x", color=colors[opt], s=25)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (log scale)", ylabel=f"{metric} of the trial",
+           title="Learning-rate sensitivity (o: pruned, x: diverged or failed)")  # fmt: skip
+    _finish(fig, ax, path)
+
+
+def optimization_history(
+    study: str, points: list[TrialPoint], metric: str, direction: str, path: Path
+) -> None:
+    """One study: each trial's `metric` by trial number (pruned: hollow; diverged or failed:
+    x at the bottom), and the best completed value so far as a step line."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = sorted(points, key=lambda p: p.number)
+    finite = [p.value for p in points if math.isfinite(p.value)]
+    bottom = min(finite) if finite else 0.0
+    done = [p for p in points if p.state == "complete" and math.isfinite(p.value)]
+    pruned = [p for p in points if p.state == "pruned" and math.isfinite(p.value)]
+    bad = [p for p in points if p not in done and p not in pruned]
+    ax.scatter([p.number for p in done], [p.value for p in done], label="complete")
+    ax.scatter([p.number for p in pruned], [p.value for p in pruned], facecolors="none",
+               edgecolors="grey", label="pruned (value when stopped)")  # fmt: skip
+    ax.scatter([p.number for p in bad], [bottom] * len(bad), marker="x", color="red",
+               label="diverged or failed")  # fmt: skip
+    best, xs, ys = None, [], []
+    for p in done:
+        if best is None or (p.value > best if direction == "max" else p.value < best):
+            best = p.value
+        xs.append(p.number)
+        ys.append(best)
+    if xs:
+        ax.step(xs, ys, where="post", color="black", label="best so far")
+    ax.set(xlabel="trial", ylabel=metric, title=f"Optimization history: {study}")
+    _finish(fig, ax, path)

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from pipeline import configfile, registry, signals, tracking
+from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import PrepConfig, TrainConfig
 from pipeline.data import load_prepared, to_model_input
 from pipeline.errors import PipelineError, first_line, quote
@@ -37,7 +38,7 @@ STAGES = ("prep", "train", "evaluate", "register", "promote")
 
 
 RULE_KEYS = ("model_name", "metric", "direction", "min_delta")
-TOP_KEYS = (*RULE_KEYS, "prep", "train")
+TOP_KEYS = (*RULE_KEYS, "prep", "train", *configfile.CHECKPOINT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class RetrainConfig:
     min_delta: float = 0.0
     prep: PrepConfig = field(default_factory=PrepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # `resume: auto` (default): a challenger whose retrain was killed while it trained goes
+    # on from its checkpoint when the next retrain trains it on the same data.
+    checkpoints: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(resume="auto"))
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,8 @@ def load_config(path: str | Path) -> RetrainConfig:
     values = {k: configfile.convert(err, k, v, hints[k]) for k, v in raw.items() if k in RULE_KEYS}
     if "metric" in values and "direction" not in values:
         values["direction"] = METRICS.get(values["metric"], "maximize")
-    cfg = RetrainConfig(**values, prep=prep, train=TrainConfig(**train))
+    checkpoints = configfile.checkpoint_config(err, raw)
+    cfg = RetrainConfig(**values, prep=prep, train=TrainConfig(**train), checkpoints=checkpoints)
     validate(cfg, str(path))
     return cfg
 
@@ -228,7 +233,7 @@ def _retrain_locked(cfg: RetrainConfig, params_from: str, fail_after: str | None
         prepared = run_prep(cfg.prep, nested=True, experiment_id=parent.experiment_id)
         tracking.set_tags({"data_digest": prepared.digest, "data_prep_run_id": prepared.run_id})
         _checkpoint("prep", fail_after)
-        trained = _train(train_cfg, prepared.run_id, parent.experiment_id)
+        trained = _train(train_cfg, prepared.run_id, parent.experiment_id, cfg.checkpoints)
         _checkpoint("train", fail_after)
         if trained.diverged_at is not None:
             return _keep_diverged(cfg, trained, before, parent.run_id, prepared.digest)
@@ -293,11 +298,14 @@ def _log_start(cfg: RetrainConfig, params_from: str, train_cfg: TrainConfig, bef
     tracking.set_tags({"retrain.model_name": cfg.model_name, "retrain.champion_before": _v(before)})
 
 
-def _train(train_cfg: TrainConfig, data_run_id: str, experiment_id: str):
+def _train(train_cfg: TrainConfig, data_run_id: str, experiment_id: str, checkpoints):
     from pipeline.steps import run_train
 
     trained = run_train(
-        replace(train_cfg, data=data_run_id), nested=True, experiment_id=experiment_id
+        replace(train_cfg, data=data_run_id),
+        nested=True,
+        experiment_id=experiment_id,
+        checkpoints=checkpoints,
     )
     tracking.set_tags({"train_run_id": trained.run_id})
     return trained

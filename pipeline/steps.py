@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from pipeline import distributed, tracking
+from pipeline import checkpointing, distributed, signals, tracking
+from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import (
     CHOICES,
     DATASETS,
@@ -35,12 +37,14 @@ from pipeline.data import (
     to_model_input,
 )
 from pipeline.device import device_name, resolve_device
+from pipeline.early_stopping import EarlyStopping
 from pipeline.errors import PATH_MAX, PipelineError, first_line, quote
 from pipeline.loop import Diverged, Evaluation, TrainState, evaluate, train_epoch
 from pipeline.losses import build_loss
 from pipeline.models import build_model, count_parameters, training_forward
 from pipeline.optimizers import build_optimizer, resolve_hparams
 from pipeline.schedulers import build_scheduler, check_scheduler, check_warmup
+from pipeline.tracking import resume as tracking_resume
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def validate_train(cfg: TrainConfig) -> tuple[float, float | None]:
     Ranges are config.RANGES's, so a value the CLI refuses is refused here too (the Python
     API, experiment files, retrain.yaml, a champion's params).
     """
-    for name in ("model", "loss", "device", "scheduler"):  # optimizer: resolve_hparams below
+    for name in ("model", "loss", "device", "scheduler", "monitor", "early_stopping_model"):
         if getattr(cfg, name) not in CHOICES[name]:
             raise PipelineError(f"unknown {name} {quote(getattr(cfg, name))}; valid choices: "
                                 f"{', '.join(CHOICES[name])}")  # fmt: skip
@@ -155,15 +159,23 @@ def run_train(
     experiment_id: str | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
+    checkpoints: CheckpointConfig | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ):
     """Train, evaluate and log one model; returns its run id and test metrics.
 
     `parent_run_id` nests the run under a run of another process (a sweep's parallel trials).
+    `checkpoints`: when to write checkpoints and which run to resume (`CheckpointConfig`).
+    `on_epoch_end(epoch, {"val/loss": ..., "val/accuracy": ...})` is called after each
+    epoch's validation (a search's pruner); whatever it raises ends the run FAILED.
     Started by torchrun, this process is one rank of a data-parallel training
-    (pipeline.distributed): one run, written by rank 0 alone.
+    (pipeline.distributed): one run, written by rank 0 alone, which alone decides what to
+    resume and writes checkpoints; every rank trains on from the same state.
     """
     t0 = time.perf_counter()
     lr, momentum = validate_train(cfg)
+    ck = checkpoints or CheckpointConfig()
+    checkpointing.parse_every(ck.every)
     group = distributed.setup(cfg.device, cfg.batch_size)
     device = group.device
     tracking = distributed.tracking_for(group)  # on ranks other than 0: one that writes nothing
@@ -189,6 +201,8 @@ def run_train(
     )
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     state = TrainState(model, optimizer, torch.Generator().manual_seed(cfg.seed), scheduler)
+    if cfg.early_stopping_patience:
+        state.early_stopping = EarlyStopping(cfg.early_stopping_patience, cfg.monitor)
     if cfg.compile:
         state.forward = torch.compile(model)
     else:
@@ -210,17 +224,40 @@ def run_train(
         "train_size": len(y["train"]),
         **group.params(),  # world_size, nnodes, backend of a DDP run
     }
-    with tracking.start_run(
-        "train",
-        run_name or cfg.run_name,
-        nested=nested,
-        experiment_id=experiment_id,
-        parent_run_id=parent_run_id,
-        system_metrics=True,
-        writer_process=writer,
-    ) as run:
+    meta = {"params": requested_params(cfg), "data_digest": digest,
+            "code_version": _code_version()}  # fmt: skip
+    found: dict = {}
+
+    def target() -> str | None:  # rank 0 alone: it reads the tracking store
+        found["run"] = checkpointing.resume_target(
+            ck, meta["params"] | {"data_digest": digest}, "train", experiment_id,
+            ck.scope or parent_run_id,
+        )  # fmt: skip
+        return None if found["run"] is None else found["run"].info.run_id
+
+    resumed_id = group.from_main(target)
+    resumed = found.get("run")  # the mlflow Run, on rank 0
+    start_step = 0
+    with (
+        tracking.start_run(
+            "train",
+            run_name or cfg.run_name,
+            nested=nested,
+            experiment_id=experiment_id,
+            parent_run_id=parent_run_id,
+            run_id=resumed_id,
+            system_metrics=True,
+            writer_process=writer,
+        ) as run,
+        distributed.checkpoint_session(group, run, state, ck, meta, resumed, writer) as session,
+    ):
         run.run_id = distributed.share_run_id(group, run.run_id)
-        tracking.log_params(params)
+        if resumed_id is not None:
+            group.share_state(state)  # rank 0's checkpoint, loaded by every rank
+        # A resume on another machine reads the data from another path: the run keeps its own
+        # (its identity, params and data digest, was checked before it was reopened).
+        tracking.log_params({k: v for k, v in params.items() if not session.resumed
+                             or k not in ("data", "data_path")})  # fmt: skip
         tracking.set_tags(
             {
                 "device": str(device),
@@ -229,25 +266,20 @@ def run_train(
                 "torch_num_threads": str(torch.get_num_threads()),
             }
         )
-        total_steps = cfg.epochs * steps_per_epoch
-        console = ConsoleReporter(total_steps, cfg.print_every) if group.is_main else None
-        console = console or distributed.Quiet()  # one progress bar: rank 0's
-        tracker = group.tracker(Fanout([run.tracker, console]), len(y["train"]), cfg.batch_size)
+        console = ConsoleReporter(cfg.epochs * steps_per_epoch, cfg.print_every)
+        console = console if group.is_main else distributed.Quiet()  # one progress bar: rank 0's
+        tracker = group.tracker(Fanout([session.tracker, console]), len(y["train"]),
+                                cfg.batch_size)  # fmt: skip
+        start_step, es = state.step, state.early_stopping
         t_loop = time.perf_counter()
         diverged = None
         try:
-            for _ in range(cfg.epochs):
-                train_epoch(
-                    state,
-                    x["train"],
-                    y["train"],
-                    loss_fn,
-                    tracker,
-                    cfg.batch_size,
-                    cfg.log_every,
-                    cfg.amp,
-                    group.shard(),
-                )
+            while not session.trained(cfg.epochs):
+                if state.batch < steps_per_epoch:  # else only its validation is left
+                    train_epoch(state, x["train"], y["train"], loss_fn, tracker, cfg.batch_size,
+                                cfg.log_every, cfg.amp, session.checkpointer,
+                                group.shard())  # fmt: skip
+                checkpointing.kill_point("val", state.epoch, session.checkpointer.settle)
                 val = group.evaluate(evaluate, model, x["val"], y["val"], loss_fn, data.num_classes)
                 # At the epoch's last global step, on train/*'s x axis; `epoch` lets the UI
                 # plot any metric against epochs instead.
@@ -257,12 +289,25 @@ def run_train(
                 )
                 if not math.isfinite(val.loss):  # logged train steps can miss it (log_every)
                     raise Diverged(state.step, val.loss, "val/loss")
+                with signals.held():  # the epoch closes whole: early stopping and counters
+                    if es is not None:
+                        es.update(state.epoch, getattr(val, cfg.monitor[4:]), model)
+                    state.batch = 0
+                session.checkpointer.epoch_end(state)
+                checkpointing.kill_point("epoch", state.epoch, session.checkpointer.settle)
+                if on_epoch_end is not None:
+                    on_epoch_end(state.epoch, {"val/loss": val.loss, "val/accuracy": val.accuracy})
         except Diverged as exc:  # an outcome, not a failure: the run ends FINISHED
             diverged = exc
         loop_seconds = time.perf_counter() - t_loop
         console.close()
         info = None
+        model_step = state.step
         if diverged is None:
+            if es is not None:
+                model_step = _early_stopping_end(
+                    es, state, model, cfg, steps_per_epoch, session.logged("best_epoch"), tracking
+                )
             test = group.evaluate(evaluate, model, x["test"], y["test"], loss_fn,
                                   data.num_classes)  # fmt: skip
             example = to_model_input(data.splits["test"].images[:2]).numpy()
@@ -270,29 +315,36 @@ def run_train(
             # at its step (the last step's train/*, val/*, epoch), whichever got there.
             run.flush()
             model_params = {k: "none" if v is None else v for k, v in params.items()}
-            info = tracking.log_model(
-                model.cpu(), example, classes=data.classes, step=state.step, params=model_params
-            )
-            # The model first: its test metrics and test split are then the model's too.
-            test_split = tracking.split_dataset(path, digest, data.source, "test")
-            tracking.log_evaluation("test", test, data.classes, state.step, info.model_id,
-                                    test_split)  # fmt: skip
+            checkpointing.kill_point("model")
+            info = resumed_model(run, model_step) if session.resumed else None
+            if not info:
+                info = tracking.log_model(model.cpu(), example, classes=data.classes,
+                                          step=model_step, params=model_params)  # fmt: skip
+            if not session.logged("test/loss"):  # a resumed run that had logged it has it
+                # The model first: its test metrics and test split are then the model's too.
+                test_split = tracking.split_dataset(path, digest, data.source, "test")
+                tracking.log_evaluation("test", test, data.classes, state.step, info.model_id,
+                                        test_split)  # fmt: skip
             tracking.set_tags({DIVERGED_TAG: "false"})
         else:
             test = _diverged(diverged, tracking)
             model.cpu()
         samples = _samples_trained(state.epoch, state.step, steps_per_epoch, len(y["train"]),
                                    cfg.batch_size)  # fmt: skip
-        tracking.log_metrics(
-            {
-                "time/startup_seconds": _process_age() - (time.perf_counter() - t0),
-                "time/data_seconds": t_data - t0,
-                "time/setup_seconds": t_loop - t0,
-                "time/loop_seconds": loop_seconds,
-                "time/model_log_seconds": time.perf_counter() - t_loop - loop_seconds,
-                "time/samples_per_second": samples / loop_seconds,
-            }
-        )
+        if not session.logged("time/loop_seconds"):
+            tracking.log_metrics(
+                {
+                    "time/startup_seconds": _process_age() - (time.perf_counter() - t0),
+                    "time/data_seconds": t_data - t0,
+                    "time/setup_seconds": t_loop - t0,
+                    "time/loop_seconds": loop_seconds,
+                    "time/model_log_seconds": time.perf_counter() - t_loop - loop_seconds,
+                    # This process's share: a resumed run trained only part of them here.
+                    "time/samples_per_second": (samples - _samples_before(
+                        start_step, steps_per_epoch, len(y["train"]), cfg.batch_size))
+                    / loop_seconds,
+                }
+            )  # fmt: skip
     model_uri = info.model_uri if info is not None else None  # "" while kept: spool.KeptModel
     if diverged is None:
         print(
@@ -308,6 +360,12 @@ def run_train(
     return TrainResult(run.run_id, test.loss, test.accuracy, model_uri, model, at)
 
 
+def _code_version() -> str:
+    """The code version checkpoints record; computed without the tracking store, on every
+    rank (`tracking` in run_train is a stand-in on ranks other than 0)."""
+    return tracking.code_version()
+
+
 def _diverged(exc: Diverged, tracking=tracking) -> Evaluation:
     """Record a diverged run: tags, and NaN test metrics at the step it diverged.
 
@@ -317,6 +375,55 @@ def _diverged(exc: Diverged, tracking=tracking) -> Evaluation:
     tracking.set_tags({DIVERGED_TAG: "true", DIVERGED_STEP_TAG: str(exc.step)})
     tracking.log_metrics({"test/loss": math.nan, "test/accuracy": math.nan}, step=exc.step)
     return Evaluation(math.nan, math.nan, [])
+
+
+def _early_stopping_end(
+    es: EarlyStopping,
+    state: TrainState,
+    model,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    logged: bool,
+    tracking=tracking,
+) -> int:
+    """Log `best_epoch` and `stopped_epoch` (the last epoch trained, whether or not it stopped
+    early; unless a resumed run has them) and load the best epoch's weights unless the last
+    are asked for; returns the global step of the weights the model is logged with."""
+    if not logged:
+        tracking.log_metrics(
+            {"best_epoch": es.best_epoch, "stopped_epoch": es.stopped_epoch or state.epoch},
+            step=state.step,
+        )
+    tracking.set_tags({"pipeline.early_stopped": str(bool(es.stopped_epoch)).lower()})
+    if cfg.early_stopping_model == "last" or es.best_weights is None:
+        return state.step
+    model.load_state_dict(es.best_weights)
+    return es.best_epoch * steps_per_epoch
+
+
+def resumed_model(run, step: int):
+    """The model a resumed run logged (READY) before it was killed, if it got that far, so
+    it is not logged twice; None otherwise."""
+    from pipeline.tracking import resume as tracking_resume
+
+    found = tracking_resume.ready_model(run.run_id, run.experiment_id, step)
+    if found is None:
+        return None
+    return _LoggedModel(*found)
+
+
+@dataclass(frozen=True)
+class _LoggedModel:
+    model_id: str
+    model_uri: str
+
+
+def _samples_before(step: int, steps_per_epoch: int, size: int, batch: int) -> int:
+    """Training samples of the first `step` global steps (those of an earlier process)."""
+    if step == 0:
+        return 0
+    epoch = -(-step // steps_per_epoch)
+    return _samples_trained(epoch, step, steps_per_epoch, size, batch)
 
 
 def _samples_trained(epoch: int, step: int, steps_per_epoch: int, size: int, batch: int) -> int:
@@ -368,11 +475,18 @@ def reusable_prep(prep: PrepConfig, experiment_id: str) -> PrepResult | None:
     )
 
 
-def run_main(prep: PrepConfig, train: TrainConfig, launch=None) -> TrainResult | None:
+def run_main(
+    prep: PrepConfig,
+    train: TrainConfig,
+    checkpoints: CheckpointConfig | None = None,
+    launch=None,
+) -> TrainResult | None:
     """data_prep then train as child runs of one parent; a matching data_prep run is reused.
 
-    With `launch` (pipeline.launch.Launch) asking for more than one process, train runs on
-    that many ranks, its one run still a child of the parent; returns None then.
+    `checkpoints.resume` names a main run (or `auto`): it is reopened, and its unfinished
+    train child resumed from its checkpoint. With `launch` (pipeline.launch.Launch) asking
+    for more than one process, train runs on that many ranks, its one run still a child of
+    the parent; returns None then.
     """
     validate_prep(prep)
     validate_train(train)
@@ -386,22 +500,37 @@ def run_main(prep: PrepConfig, train: TrainConfig, launch=None) -> TrainResult |
 
         launch.check()
         check_batch_size(train.batch_size, launch.world_size)
-    with tracking.start_run("main", f"main-{train.run_name}") as parent:
+    ck = checkpoints or CheckpointConfig()
+    checkpointing.parse_every(ck.every)
+    wanted = prep.params() | requested_params(train)
+    resumed = checkpointing.resume_target(ck, wanted, "main")
+    with (
+        tracking.start_run(
+            "main", f"main-{train.run_name}",
+            run_id=None if resumed is None else resumed.info.run_id,
+        ) as parent,
+        tracking_resume.Heartbeat(parent.run_id),  # its train child beats for itself
+    ):  # fmt: skip
         tracking.log_params(prep.params() | _requested(train))
         prepared = prep_or_reuse(prep, parent.experiment_id)
         tracking.set_tags(
             {"data_prep_run_id": prepared.run_id, "data_prep_reused": str(prepared.reused)}
         )
         train = replace(train, data=prepared.run_id)
+        child = replace(ck, resume="auto" if resumed else None, scope=parent.run_id)
         if launch is not None and launch.needed:
             from pipeline.launch import launch_train
 
             result = None
+            # The ranks' `auto` looks among the children of --parent-run-id: the scope.
             run_id = launch_train(
-                train, launch, parent_run_id=parent.run_id, experiment_id=parent.experiment_id
-            )
+                train, launch, parent_run_id=parent.run_id,
+                experiment_id=parent.experiment_id, checkpoints=child,
+            )  # fmt: skip
         else:
-            result = run_train(train, nested=True, experiment_id=parent.experiment_id)
+            result = run_train(
+                train, nested=True, experiment_id=parent.experiment_id, checkpoints=child
+            )
             run_id = result.run_id
         if run_id is not None:  # None: rank 0 runs on another host
             tracking.set_tags({"train_run_id": run_id})

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pipeline
 from pipeline import signals, store, tracking
+from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError, first_line
 from pipeline.experiments import Experiment, Trial, load_experiment
@@ -44,42 +45,65 @@ class Outcome:
     message: str = ""
 
 
-def run_sweep(path: str | Path, parallel: int = 1, dry_run: bool = False) -> list[Outcome]:
+def run_sweep(
+    path: str | Path,
+    parallel: int = 1,
+    dry_run: bool = False,
+    workers: int = 1,
+    storage: str | None = None,
+) -> list[Outcome]:
     """Run the experiment file at `path`; raises PipelineError naming any failed trials.
 
     One sweep of a file runs at a time per store and host: while one runs, another raises
     `LockHeld` (the CLI exits 75) instead of resuming it. When the newest sweep of the file
     finished and every trial is still finished, it returns them all skipped and creates no
-    run ("nothing to do").
+    run ("nothing to do"). `workers` > 1: that many long-lived worker processes
+    (pipeline/workers.py). A file with a `search` runs as pipeline/search/run.py says, its
+    studies at `storage` (an Optuna storage URL; default: beside the tracking store).
     """
-    if parallel < 1:
-        raise PipelineError(f"--parallel must be >= 1, got {parallel}")
+    if parallel < 1 or workers < 1:
+        raise PipelineError(f"--parallel and --workers must be >= 1, got {parallel}, {workers}")
+    if parallel > 1 and workers > 1:
+        raise PipelineError("--parallel starts a process per trial, --workers keeps N; use one")
     exp = load_experiment(path)
+    if exp.search is not None and parallel > 1:
+        raise PipelineError("a search runs in --workers N processes, not --parallel")
     if dry_run:
-        print_plan(exp)
+        print_plan(exp, storage)
         return []
     if run_id := os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run is the parent
         _check_mlflow_run_experiment(exp, run_id)
+    if exp.search is not None:  # a storage that cannot be opened fails before anything exists
+        from pipeline.search.run import open_studies_storage
+
+        opened = open_studies_storage(exp, storage)
     lock = sweep_lock_path(default_lock_dir(), exp.name, exp.digest, tracking.tracking_uri())
     with exclusive(lock, f"another sweep of {exp.path.name} (experiment {exp.name!r})"):
         experiment_id = tracking.ensure_experiment(exp.name)
+        if exp.search is not None:
+            from pipeline.search.run import run_search
+
+            resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
+            return run_search(exp, experiment_id, resume, workers, opened)
         if not run_id and (done := _all_done(exp, experiment_id)) is not None:
             return done
         resume = None if run_id else tracking.find_unfinished_sweep(experiment_id, exp.digest)
-        return _sweep(exp, experiment_id, resume, parallel)
+        return _sweep(exp, experiment_id, resume, parallel, workers)
 
 
-def _sweep(exp: Experiment, experiment_id: str, resume: str | None, parallel: int):
+def _sweep(exp: Experiment, experiment_id: str, resume: str | None, parallel: int, workers: int):
     """The parent run, data_prep, the trials, the comparison: what `run_sweep` does once it
     holds the sweep's lock."""
     with tracking.start_run(
         "sweep", f"sweep-{exp.path.stem}", experiment_id=experiment_id, run_id=resume
     ) as parent:
-        _start_parent(exp, parent.experiment_id, parallel, resume)
+        _start_parent(exp, parent.experiment_id, max(parallel, workers), resume)
         if resume:
             _end_orphans(parent.experiment_id, resume)
         prepared = prep_or_reuse(exp.prep, parent.experiment_id)
-        outcomes = _run_trials(exp, prepared, parent.experiment_id, parent.run_id, parallel)
+        outcomes = _run_trials(
+            exp, prepared, parent.experiment_id, parent.run_id, parallel, workers
+        )
         tracking.log_dict(
             [{"name": o.trial.name, "status": o.status, "run_id": o.run_id} for o in outcomes],
             "trials.json",
@@ -112,8 +136,13 @@ def _all_done(exp: Experiment, experiment_id: str) -> list[Outcome] | None:
     return [outcomes[t.name] for t in exp.trials]
 
 
-def print_plan(exp: Experiment) -> None:
+def print_plan(exp: Experiment, storage: str | None = None) -> None:
     """The trials a sweep would run, one per line, with what the file sets for each."""
+    if exp.search is not None:
+        from pipeline.search.run import print_plan as print_search
+
+        print_search(exp, storage)
+        return
     print(f"experiment {exp.name!r}: {len(exp.trials)} trials, ranked by {exp.metric} "
           f"({exp.direction}); data: {exp.prep.dataset}")  # fmt: skip
     for i, trial in enumerate(exp.trials, 1):
@@ -158,7 +187,12 @@ def _end_orphans(experiment_id: str, parent_id: str) -> None:
 
 
 def _run_trials(
-    exp: Experiment, prepared: PrepResult, experiment_id: str, parent_id: str, parallel: int
+    exp: Experiment,
+    prepared: PrepResult,
+    experiment_id: str,
+    parent_id: str,
+    parallel: int,
+    workers: int = 1,
 ) -> list[Outcome]:
     """Skip the finished trials, run the rest, and return an outcome per trial in file order."""
     trials = [replace(t, config=replace(t.config, data=str(prepared.path))) for t in exp.trials]
@@ -166,12 +200,18 @@ def _run_trials(
     pending = [t for t in trials if t.name not in outcomes]
     print(
         f"sweep {exp.name!r}: {len(trials)} trials, {len(outcomes)} already finished, "
-        f"{len(pending)} to run" + (f" in {parallel} processes" if parallel > 1 else "")
+        f"{len(pending)} to run"
+        + (f" in {parallel} processes" if parallel > 1 else "")
+        + (f" in {workers} workers" if workers > 1 else "")
     )
-    if parallel == 1:
-        ran = _run_here(pending, experiment_id)
+    # `auto` looks among this sweep's own trials: an interrupted one goes on where it stopped.
+    checkpoints = replace(exp.checkpoints, scope=parent_id)
+    if workers > 1 and pending:
+        ran = _run_in_workers(pending, experiment_id, parent_id, workers, checkpoints)
+    elif parallel == 1:
+        ran = _run_here(pending, experiment_id, checkpoints)
     else:
-        ran = _run_in_processes(pending, experiment_id, parent_id, parallel)
+        ran = _run_in_processes(pending, experiment_id, parent_id, parallel, checkpoints)
     outcomes.update({o.trial.name: o for o in ran})
     return [outcomes[t.name] for t in trials]
 
@@ -188,14 +228,20 @@ def _skipped(trials: list[Trial], prepared: PrepResult, experiment_id: str) -> d
     return outcomes
 
 
-def _run_here(trials: list[Trial], experiment_id: str) -> list[Outcome]:
+def _run_here(
+    trials: list[Trial], experiment_id: str, checkpoints: CheckpointConfig
+) -> list[Outcome]:
     """Each trial as a nested run in this process; a failure is recorded and the sweep goes on."""
     outcomes = []
     for i, trial in enumerate(trials, 1):
         print(f"[{i}/{len(trials)}] {trial.name}")
         try:
             result = run_train(
-                trial.config, nested=True, experiment_id=experiment_id, run_name=trial.name
+                trial.config,
+                nested=True,
+                experiment_id=experiment_id,
+                run_name=trial.name,
+                checkpoints=checkpoints,
             )
         except Exception as exc:  # any failure of one trial; KeyboardInterrupt stops the sweep
             sys.stderr.write(store.redact(traceback.format_exc()))
@@ -215,7 +261,11 @@ def _at(step: int | str) -> str:
 
 
 def _run_in_processes(
-    trials: list[Trial], experiment_id: str, parent_id: str, parallel: int
+    trials: list[Trial],
+    experiment_id: str,
+    parent_id: str,
+    parallel: int,
+    checkpoints: CheckpointConfig,
 ) -> list[Outcome]:
     """`parallel` `pipeline trial` processes at a time, each logging to its own file.
 
@@ -229,7 +279,8 @@ def _run_in_processes(
             while queue and len(running) < parallel:
                 trial = queue.pop(0)
                 with signals.held():  # a process started but not yet in `running` is never stopped
-                    running[_spawn(trial, experiment_id, parent_id, parallel, logs)] = trial
+                    proc = _spawn(trial, experiment_id, parent_id, parallel, logs, checkpoints)
+                    running[proc] = trial
             time.sleep(POLL_SECONDS)
             for proc in [p for p in running if p.poll() is not None]:
                 trial = running.pop(proc)
@@ -241,6 +292,40 @@ def _run_in_processes(
         for proc in running:
             proc.wait(timeout=60)
         _keep_logs(logs, parent_id)
+    return outcomes
+
+
+def _run_in_workers(
+    trials: list[Trial],
+    experiment_id: str,
+    parent_id: str,
+    workers: int,
+    checkpoints: CheckpointConfig,
+) -> list[Outcome]:
+    """The trials on `workers` long-lived processes (pipeline/workers.py)."""
+    from pipeline.workers import Pool
+
+    pool = Pool(min(workers, len(trials)))
+    outcomes: list[Outcome] = []
+
+    def report(result: dict) -> None:
+        trial = trials[result["n"]]
+        message = _at(result["at"]) if result["status"] == "diverged" else ""
+        outcomes.append(Outcome(trial, result["status"], result.get("run_id"),
+                                result.get("message", message)))  # fmt: skip
+        print(f"[{len(outcomes)}/{len(trials)}] {trial.name}: {_describe(outcomes[-1])}")
+
+    tasks = [
+        {"kind": "train", "config": asdict(t.config), "name": t.name,
+         "experiment_id": experiment_id, "parent_run_id": parent_id,
+         "checkpoints": asdict(checkpoints)}
+        for t in trials
+    ]  # fmt: skip
+    try:
+        pool.run(tasks, report)
+    finally:
+        pool.close()
+        _keep_logs(pool.logs, parent_id)
     return outcomes
 
 
@@ -260,12 +345,18 @@ def _keep_logs(logs: Path, parent_id: str) -> None:
 
 
 def _spawn(
-    trial: Trial, experiment_id: str, parent_id: str, parallel: int, logs: Path
+    trial: Trial,
+    experiment_id: str,
+    parent_id: str,
+    parallel: int,
+    logs: Path,
+    checkpoints: CheckpointConfig,
 ) -> subprocess.Popen:
     """Start `python -m pipeline trial SPEC` with this code, this store and a share of CPUs."""
     spec = json.dumps(
         {"config": asdict(trial.config), "name": trial.name, "experiment_id": experiment_id,
-         "parent_run_id": parent_id, "sweep_pid": os.getpid()}
+         "parent_run_id": parent_id, "sweep_pid": os.getpid(),
+         "checkpoints": asdict(checkpoints)}
     )  # fmt: skip
     root = str(Path(pipeline.__file__).resolve().parent.parent)  # the code this sweep runs
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -323,6 +414,7 @@ def run_trial_spec(spec: str) -> None:
         experiment_id=doc["experiment_id"],
         parent_run_id=doc["parent_run_id"],
         run_name=doc["name"],
+        checkpoints=CheckpointConfig(**doc.get("checkpoints", {})),
     )
 
 

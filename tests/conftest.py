@@ -18,6 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# pytest started as a shell's background job (`make test &`, CI runners) ignores SIGINT, and
+# a child inherits what its parent ignores: the pipeline processes the tests start would then
+# rightly ignore it too (nohup's rule). Tests start them as a terminal would: not ignoring.
+for _sig in _STOP_SIGNALS:
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
 _SESSION_HANDLERS = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
 
 
@@ -37,6 +43,7 @@ def tracking(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("PIPELINE_LOCK_DIR", str(tmp_path / "locks"))  # sweeps lock here too
     monkeypatch.setenv("PIPELINE_SPOOL_DIR", str(tmp_path / "spool"))  # never the user's own
+    monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))  # likewise
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     yield uri

@@ -91,6 +91,18 @@ def test_each_stop_signal_raises_and_is_recorded(sig, code):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
+def test_a_signal_the_process_started_ignoring_stays_ignored():
+    """`nohup` starts a command ignoring SIGHUP so that it outlives its terminal."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with signals.stop_signals_raise():
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGHUP)  # nothing happens
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+    assert signals.received() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+
 def test_a_second_signal_at_once_does_not_cut_the_clean_up_short():
     """Ctrl-C reaches the whole process group, and `mlflow run` then sends SIGTERM too."""
     cleaned_up = []
@@ -248,6 +260,25 @@ def test_hangup_and_quit_end_the_run_killed(tracking, tmp_path, sample_file, sig
     assert run.info.status == "KILLED" and run.data.tags[pt.STOPPED_BY_TAG] == signals.name(sig)
     steps = _steps(client, run.info.run_id)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3600 // 64  # epoch 1
+
+
+@pytest.mark.slow
+def test_nohup_train_outlives_its_terminal(tracking, tmp_path, sample_file):
+    """`nohup pipeline train ...`, then the terminal closes (SIGHUP): training goes on."""
+    args = ["nohup", sys.executable, "-m", "pipeline", "train", "--data", str(sample_file),
+            "--epochs", "4", "--batch-size", "64"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    client = MlflowClient(tracking)
+    run = _only_run(client)
+    _wait(lambda: client.get_metric_history(run.info.run_id, "val/loss"), "epoch", proc)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and pt.STOPPED_BY_TAG not in run.data.tags
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 4
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ One module per job:
 - `experiments`: experiments found, created, marked as model training;
 - `queries`: reading runs back;
 - `artifacts`: files, evaluations and the logged model;
+- `resume`: resuming a run: dead or alive, its last logged steps, its checkpoint artifacts;
+- `search`: a search's trial and final runs: their tags and states, and finding them;
 - `ranks`: rank 0's run as the launcher of a data-parallel training sees it;
 - `spool`: what a run could not write to an unreachable server, kept and written later.
 
@@ -26,7 +28,7 @@ from typing import Any
 from pipeline.tracking import spool
 
 _MODULES = ("tags", "versions", "connection", "writer", "runs", "processes", "experiments",
-            "queries", "artifacts", "ranks")  # fmt: skip
+            "queries", "artifacts", "resume", "search", "ranks")  # fmt: skip
 _EXPORTS = {
     "tags": (
         "CODE_VERSION_TAG", "ENTRY_POINTS", "ENTRY_POINT_TAG", "ERROR_TAG", "EXPERIMENT_KIND_TAG",

@@ -1,0 +1,172 @@
+"""Workers on two "hosts" (two processes in separate folders) joining one search: a real
+PostgreSQL server holding both the Optuna studies and, behind a real `mlflow server`, the
+tracking store: every trial runs exactly once, each study keeps its budget, every run nests
+under the one parent run, nothing lands in "Default".
+
+PostgreSQL's initdb refuses root, so the server runs as the `postgres` system user (runuser)
+in a temporary folder, on 127.0.0.1 and a free port. Skipped only where the binaries are not
+installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .conftest import ROOT, run_cli
+
+# Debian's server binaries, else those on PATH (initdb, pg_ctl and createdb side by side).
+PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
+if PG_BIN is None and shutil.which("initdb") and shutil.which("createdb"):
+    PG_BIN = str(Path(shutil.which("initdb")).parent)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(PG_BIN is None, reason="PostgreSQL binaries (initdb, pg_ctl) not installed"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(*args: str) -> list[str]:
+    """Run as the `postgres` user when we are root (initdb refuses root), else as we are."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *args]
+    return list(args)
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server in a temporary folder on 127.0.0.1; yields its base URL."""
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # /tmp: the postgres user reaches it
+    folder.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", _free_port()
+    subprocess.run(_as_postgres(f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U",
+                                "postgres"), check=True, capture_output=True)  # fmt: skip
+    subprocess.run(_as_postgres(f"{PG_BIN}/pg_ctl", "-D", str(data), "-l", str(folder / "log"),
+                                "-w", "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start"),
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        for db in ("mlflow", "optuna"):
+            subprocess.run(_as_postgres(f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port),
+                                        "-U", "postgres", db), check=True)  # fmt: skip
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(_as_postgres(f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "fast", "stop"),
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_mlflow_server(postgres, tmp_path, monkeypatch):
+    """A real `mlflow server` whose backend store is the PostgreSQL database `mlflow`."""
+    port = _free_port()
+    folder = tmp_path / "server"
+    folder.mkdir()
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "2", "--backend-store-uri", f"{postgres}/mlflow",
+         "--artifacts-destination", str(folder / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=folder,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "mlflow server did not come up in 120 s"
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("PIPELINE_LOCK_DIR", str(tmp_path / "locks"))
+        monkeypatch.setenv("PIPELINE_SPOOL_DIR", str(tmp_path / "spool"))
+        yield uri, f"{postgres}/optuna"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+SEARCH = """
+experiment: shared
+base: {epochs: 1, log_every: 10}
+search:
+  sampler: random
+  n_trials: 3
+  group_by: [optimizer]
+  space: {optimizer: [adam, sgd], lr: {log_uniform: [1.0e-3, 1.0e-2]}}
+"""
+
+
+def test_two_hosts_share_one_search_through_postgresql(pg_mlflow_server, tmp_path):
+    uri, storage = pg_mlflow_server
+    hosts = [tmp_path / "host-a", tmp_path / "host-b"]
+    for host in hosts:
+        host.mkdir()
+        (host / "search.yaml").write_text(SEARCH)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
+    log = hosts[0] / "sweep.log"
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads it while the worker runs
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "sweep", "search.yaml", "--storage", storage],
+            cwd=hosts[0], env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    deadline = time.time() + 240
+    while "search 'shared': 2 studies x 3 trials" not in log.read_text():  # studies planned
+        assert sweep.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    worker = run_cli("worker", "search.yaml", "--storage", storage, cwd=hosts[1], timeout=400)
+    sweep.wait(timeout=400)
+    assert sweep.returncode == 0, log.read_text()[-3000:]
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    joined = worker.stdout.splitlines()
+    assert any(line.startswith("worker: joining search run") for line in joined), joined
+    ran_by_worker = int(next(ln for ln in joined if ln.startswith("worker: ran")).split()[2])
+    assert ran_by_worker >= 1  # it did take part
+
+    client = MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "shared"]
+    assert client.search_runs([client.get_experiment_by_name("Default").experiment_id]) == []
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    (parent,) = [r for r in runs if r.data.tags["pipeline.step"] == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("pipeline.search_role") == "trial"]
+    names = sorted(r.info.run_name for r in trials)
+    assert names == [f"{o}-t{i}" for o in ("adam", "sgd") for i in range(3)]  # each exactly once
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    pids = {r.data.tags["pipeline.process"].split(":")[1] for r in trials}
+    assert len(pids) == 2  # the sweep and the worker both ran trials
+
+    import optuna
+
+    for group in ("adam", "sgd"):
+        (study_name,) = {r.data.tags["pipeline.optuna_study"] for r in trials
+                         if r.info.run_name.startswith(group)}  # fmt: skip
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # the budget, held
