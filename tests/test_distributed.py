@@ -109,6 +109,17 @@ def test_train_args_give_back_the_config():
     assert TrainConfig(**params | {"compile": ctx.params["compile_"]}) == cfg
 
 
+def test_checkpoint_args_reach_the_ranks_unchanged():
+    from pipeline.checkpointing import CheckpointConfig
+    from pipeline.cli import _checkpoint_config, cli
+    from pipeline.launch import checkpoint_args
+
+    for ck in (CheckpointConfig("epoch,10,30s", True, "abc123", "/tmp/ck"), CheckpointConfig()):
+        args = ["--data", "x.pt", *checkpoint_args(ck)]
+        ctx = cli.commands["train"].make_context("train", args)
+        assert _checkpoint_config(dict(ctx.params)) == ck
+
+
 def test_a_batch_that_does_not_divide_is_one_line_before_any_rank(tracking, tmp_path, odd_file):
     proc = run_cli("train", "--data", str(odd_file), "--batch-size", "127",
                    "--nproc-per-node", "2", cwd=tmp_path)  # fmt: skip
@@ -278,3 +289,56 @@ def test_mlflow_run_train_on_two_ranks_adopts_its_run_and_ctrl_c_ends_it_killed(
     run = client.get_run(run.info.run_id)
     assert run.info.status == "KILLED" and run.data.tags["pipeline.stopped_by"] == "SIGINT"
     assert len(client.search_runs(["0"])) == 1
+
+
+def _kill_env(kill_at: str) -> dict[str, str]:
+    from pipeline.checkpointing import KILL_AT_ENV
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), KILL_AT_ENV: kill_at}
+
+
+@pytest.mark.slow
+def test_a_killed_two_rank_run_resumes_into_the_same_run_bit_identically(
+    tracking, tmp_path, sample_file
+):
+    """SIGKILL to rank 0 mid-epoch (step 13; checkpoint at 10), then to rank 1 of the resumed
+    training (step 23; checkpoint at 20), then `--resume RUN_ID --nproc-per-node 2`: one
+    run, FINISHED, every train/loss step once, every logged value equal to the uninterrupted
+    2-rank run's bit for bit (tolerance 0: same ranks, same thread count, gloo on the CPU)."""
+    from pipeline.tracking import resume as tracking_resume
+
+    args = ["train", "--data", sample_file, "--model", "mlp", "--epochs", "1",
+            "--checkpoint-every", "10", "--nproc-per-node", "2"]  # fmt: skip
+    run_cli(*map(str, args), cwd=tmp_path, check=True)
+    client = MlflowClient(tracking)
+    (baseline,) = _runs(client)
+    keys = [k for k in baseline.data.metrics if not k.startswith(("system", "time"))]
+    expected = {k: _history(client, baseline.info.run_id, k) for k in keys}
+
+    first = start_cli(*args, cwd=tmp_path, env=_kill_env("step:13@0"))
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 1 and "rank 0 (local rank 0" in err, err[-3000:]
+    (run,) = [r for r in _runs(client) if r.info.run_id != baseline.info.run_id]
+    run_id = run.info.run_id
+    assert run.info.status == "KILLED"  # the launcher ended it: rank 0 died by SIGKILL
+
+    second = start_cli(*args, "--resume", run_id, cwd=tmp_path, env=_kill_env("step:23@1"))
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 1 and "rank 1 (local rank 1" in err, err[-3000:]
+    assert f"train: resuming run {run_id} from global step 10" in out, out
+    assert client.get_run(run_id).info.status in ("FAILED", "KILLED")
+
+    done = run_cli(*map(str, args), "--resume", run_id, cwd=tmp_path, check=True)
+    assert f"train: resuming run {run_id} from global step 20" in done.stdout, done.stdout
+    assert len(_runs(client)) == 2  # the baseline and this one: no run opened by a resume
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking_resume.RESUMED_TAG] == "2"
+    assert run.data.tags[tracking_resume.RESUMED_FROM_TAG] == "10,20"
+    assert sorted(k for k in run.data.metrics if not k.startswith(("system", "time"))) == sorted(
+        keys
+    )
+    for key, points in expected.items():
+        assert _history(client, run_id, key) == points, key  # exact, and each step once
+    assert [s for s, _ in expected["train/loss"]] == list(range(1, 30))
+    assert not (tmp_path / "checkpoints" / run_id).exists()  # dropped once FINISHED
