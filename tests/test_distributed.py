@@ -5,6 +5,7 @@ real sqlite store. One thread per rank: the machine is small and shared."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,6 +119,27 @@ def test_checkpoint_args_reach_the_ranks_unchanged():
         args = ["--data", "x.pt", *checkpoint_args(ck)]
         ctx = cli.commands["train"].make_context("train", args)
         assert _checkpoint_config(dict(ctx.params)) == ck
+
+
+def test_a_seconds_trigger_is_rank_0s_decision_asked_every_50_steps():
+    """Each rank's clock differs: with `agree` (Group.agree on a DDP run) the seconds
+    trigger is asked at every AGREE_EVERY-th step only, and what it answers is the decision;
+    a rank other than 0 (writes=False) decides but writes nothing."""
+    from types import SimpleNamespace
+
+    from pipeline.checkpointing import AGREE_EVERY, CheckpointConfig, Checkpointer
+
+    asked = []
+    follower = Checkpointer("r", CheckpointConfig("0.001s"), {}, None, writes=False,
+                            agree=lambda due: asked.append(due) or False)  # fmt: skip
+    time.sleep(0.01)
+    due = [s for s in range(1, 2 * AGREE_EVERY + 1) if follower.due(SimpleNamespace(step=s))]
+    assert due == [] and asked == [True, True]  # rank 0 said no, twice
+    follower.agree = lambda due: True
+    assert follower.due(SimpleNamespace(step=AGREE_EVERY))
+    assert not follower.due(SimpleNamespace(step=AGREE_EVERY + 1))
+    follower.save(SimpleNamespace(epoch=1, batch=AGREE_EVERY, step=AGREE_EVERY))
+    assert follower.count == 0 and not follower.folder.exists()
 
 
 def test_a_batch_that_does_not_divide_is_one_line_before_any_rank(tracking, tmp_path, odd_file):
@@ -324,7 +346,8 @@ def test_a_killed_two_rank_run_resumes_into_the_same_run_bit_identically(
 
     second = start_cli(*args, "--resume", run_id, cwd=tmp_path, env=_kill_env("step:23@1"))
     out, err = second.communicate(timeout=300)
-    assert second.returncode == 1 and "rank 1 (local rank 1" in err, err[-3000:]
+    # rank 1's SIGKILL comes first; rank 0 then loses its peer (which the launcher may see first)
+    assert second.returncode == 1 and "Error: rank" in err, err[-3000:]
     assert f"train: resuming run {run_id} from global step 10" in out, out
     assert client.get_run(run_id).info.status in ("FAILED", "KILLED")
 
@@ -342,3 +365,45 @@ def test_a_killed_two_rank_run_resumes_into_the_same_run_bit_identically(
         assert _history(client, run_id, key) == points, key  # exact, and each step once
     assert [s for s, _ in expected["train/loss"]] == list(range(1, 30))
     assert not (tmp_path / "checkpoints" / run_id).exists()  # dropped once FINISHED
+
+
+@pytest.mark.slow
+def test_sigkill_to_the_launcher_resumes_from_rank_0s_last_checkpoint(
+    tracking, tmp_path, sample_file
+):
+    """SIGKILL to the launcher once rank 0 has written a checkpoint: its ranks stop (SIGTERM,
+    they die with it), the run ends KILLED without a checkpoint of its own, and the resume
+    goes on from the last periodic one, with the uninterrupted run's numbers exactly."""
+    args = ["train", "--data", sample_file, "--model", "mlp", "--epochs", "3",
+            "--checkpoint-every", "10", "--nproc-per-node", "2"]  # fmt: skip
+    run_cli(*map(str, args), cwd=tmp_path, check=True)
+    client = MlflowClient(tracking)
+    (baseline,) = _runs(client)
+    keys = [k for k in baseline.data.metrics if not k.startswith(("system", "time"))]
+    expected = {k: _history(client, baseline.info.run_id, k) for k in keys}
+
+    launcher = start_cli(*args, cwd=tmp_path)
+    folder, deadline = tmp_path / "checkpoints", time.monotonic() + 180
+    while not any(folder.glob("*/step-*.pt")):
+        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.02)
+    ranks = _ranks(launcher)
+    launcher.kill()
+    launcher.wait(timeout=30)
+    import psutil
+
+    psutil.wait_procs([psutil.Process(p) for p in ranks.values() if psutil.pid_exists(p)], 120)
+    (run,) = [r for r in _runs(client) if r.info.run_id != baseline.info.run_id]
+    run_id = run.info.run_id
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["pipeline.stopped_by"] == "SIGTERM"
+    done = run_cli(*map(str, args), "--resume", run_id, cwd=tmp_path, check=True)
+    resumed_at = re.search(rf"resuming run {run_id} from global step (\d+)", done.stdout)
+    assert resumed_at, done.stdout
+    step = int(resumed_at[1])
+    assert step > 0 and (step % 10 == 0 or step % 29 == 0)  # a periodic one, none at the stop
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key, points in expected.items():
+        assert _history(client, run_id, key) == points, key
+    assert [s for s, _ in expected["train/loss"]] == list(range(1, 3 * 29 + 1))
