@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 PYTEST_ARGS ?= -n $(TEST_WORKERS)
 BENCH_ARGS ?=
 
-.PHONY: run test test-fast lint format ui bench lock clean fashion-mnist team-server
+.PHONY: run test test-fast lint format ui bench bench-ddp lock clean fashion-mnist team-server
 
 # The lock files pin every package with its hashes (`make lock` writes them; README, "Locked
 # environment"). pip installs from them in hash-checking mode, then the project on its own.
@@ -61,6 +61,10 @@ team-server: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/bench.txt
 	python bench/run.py $(BENCH_ARGS)
+
+# samples/s of 1 process vs N data-parallel ranks (2 on CPU, every GPU on CUDA), lenet5.
+bench-ddp: $(STAMP)
+	python bench/ddp.py $(BENCH_ARGS)
 
 # One resolution for every platform (--universal) from the oldest Python pyproject.toml allows.
 # uv prefers the pins already in a lock file: `make lock` after editing pyproject.toml changes

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,14 +161,18 @@ def _copy(value):
 
 
 def kill_point(name: str, value: int | None = None, before=None) -> None:
-    """Tests: SIGKILL this process at `name[:value]` when PIPELINE_KILL_AT names it, or a
-    moment after (`name+seconds`) from a thread, for a point that lasts (model logging).
+    """Tests: SIGKILL this process at `name[:value]` when PIPELINE_KILL_AT names it (of
+    global rank R only: `name:value@R`), or a moment after (`name+seconds`) from a thread,
+    for a point that lasts (model logging).
     `before()` runs first (waiting for a checkpoint being written), so which checkpoints
     exist at the kill is certain, and a test knows where the resume starts."""
     spec = _KILL_AT
     if not spec:
         return
     where, _, delay = spec.partition("+")
+    where, _, rank = where.partition("@")  # `step:13@0`: that global rank only (DDP)
+    if rank and rank != os.environ.get("RANK", "0"):
+        return
     if where != (name if value is None else f"{name}:{value}"):
         return
     if before is not None:
@@ -180,9 +185,19 @@ def kill_point(name: str, value: int | None = None, before=None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+AGREE_EVERY = 50  # global steps between two checks of a seconds trigger shared by ranks
+
+
 class Checkpointer:
     """Writes checkpoints of one run: the loop's `StepHook`, and `save` at epoch ends and
-    on a stop signal. `stall_s` adds up what it cost the training thread."""
+    on a stop signal. `stall_s` adds up what it cost the training thread.
+
+    For a data-parallel training (pipeline.distributed) every rank has one, and every rank
+    must decide the same: saving reports the steps first, a collective. `writes=False`
+    (ranks other than 0) decides but writes nothing; `agree(due)` gives rank 0's decision
+    on every rank (a broadcast), asked for the seconds trigger, which differs per rank's
+    clock, at every `AGREE_EVERY`-th global step and at each epoch's end only.
+    """
 
     def __init__(
         self,
@@ -192,6 +207,8 @@ class Checkpointer:
         points,
         upload=None,
         kept: list[str] | None = None,
+        writes: bool = True,
+        agree: Callable[[bool], bool] | None = None,
     ) -> None:
         self.run_id, self.every = run_id, parse_every(config.every)
         self.folder = root(config.directory) / run_id
@@ -205,11 +222,19 @@ class Checkpointer:
         self._uploaded = list(kept or [])  # artifact names, to prune after the next upload
         self.stall_s, self.count = 0.0, 0
         self.warned = False
+        self.writes, self.agree = writes, agree
 
     def due(self, state: TrainState) -> bool:
         kill_point("step", state.step, self.settle)
         if self.every.steps and state.step % self.every.steps == 0:
             return True
+        if not self.every.seconds:
+            return False
+        if self.agree is not None:
+            return state.step % AGREE_EVERY == 0 and self.agree(self._seconds_due())
+        return self._seconds_due()
+
+    def _seconds_due(self) -> bool:
         return bool(self.every.seconds) and (
             time.monotonic() - self._last_time >= self.every.seconds
         )
@@ -218,11 +243,10 @@ class Checkpointer:
         self.save(state)
 
     def epoch_end(self, state: TrainState) -> None:
-        if (
-            self.every.epoch
-            or self.every.seconds
-            and (time.monotonic() - self._last_time >= self.every.seconds)
-        ):
+        due = self.every.epoch
+        if not due and self.every.seconds:
+            due = self.agree(self._seconds_due()) if self.agree else self._seconds_due()
+        if due:
             self.save(state)
 
     def save(self, state: TrainState, wait: bool = False) -> None:
@@ -231,6 +255,9 @@ class Checkpointer:
         if self.every.never or position == self._position:  # nothing new to save
             return
         self._position = position
+        if not self.writes:  # rank 0 writes for every rank
+            self._last_time = time.monotonic()
+            return
         t0 = time.perf_counter()
         self.join()
         previous = self._saved[-2] if len(self._saved) >= 2 else 0
@@ -315,7 +342,7 @@ class Checkpointer:
         run's artifacts (`delete_uploaded(names)`)."""
         self.join()
         self.wait_upload()
-        if keep:
+        if keep or not self.writes:
             return
         shutil.rmtree(self.folder, ignore_errors=True)
         if delete_uploaded is not None and self._uploaded:
@@ -484,7 +511,8 @@ class Session:
     """
 
     def __init__(self, run, state: TrainState, config: CheckpointConfig, meta: dict,
-                 resumed, writer_pid: int | None = None) -> None:  # fmt: skip
+                 resumed, writer_pid: int | None = None, agree=None,
+                 signal_checkpoint: bool = True) -> None:  # fmt: skip
         from pipeline import tracking
         from pipeline.tracking import resume as tr
 
@@ -528,7 +556,12 @@ class Session:
         self.checkpointer = Checkpointer(
             self.run_id, config, meta, log,
             upload=lambda path, older: tr.upload(self.run_id, path, older), kept=kept,
+            agree=agree,
         )  # fmt: skip
+        # A data-parallel run's last steps before a stop are not logged (their numbers are
+        # not reduced over the ranks): a checkpoint there would skip them for good. Its
+        # resume goes on from the last checkpoint, which never runs ahead of the log.
+        self.signal_checkpoint = signal_checkpoint
         process = tracking.process_tag()[tracking.PROCESS_TAG]
         if not self.checkpointer.every.never:
             write_owner(self.checkpointer.folder, process, writer_pid)
@@ -553,7 +586,7 @@ class Session:
         from pipeline.tracking import resume as tr
 
         try:
-            if kind is not None and issubclass(kind, KeyboardInterrupt):
+            if kind is not None and issubclass(kind, KeyboardInterrupt) and self.signal_checkpoint:
                 with signals.held():  # written whole, before the run ends KILLED
                     self.checkpointer.save(self.state, wait=True)
                 self.checkpointer.wait_upload()  # a spot machine: resumed elsewhere from it
@@ -566,3 +599,28 @@ class Session:
                 self.checkpointer.wait_upload()
         finally:
             self._heartbeat.stop()
+
+
+class Follower:
+    """What `Session` is to a rank of a data-parallel training other than 0: the same
+    checkpoint decisions (a `Checkpointer` that writes nothing), no MLflow. Its state is
+    rank 0's, sent over the process group after a resume (`distributed.Group.share_state`).
+    """
+
+    resumed = False  # what rank 0 alone does for a resumed run (its logged model) is skipped
+
+    def __init__(self, run, state: TrainState, config: CheckpointConfig, agree) -> None:
+        self.state, self.tracker = state, run.tracker
+        self.checkpointer = Checkpointer(run.run_id or "", config, {}, None, writes=False,
+                                         agree=agree)  # fmt: skip
+
+    def logged(self, key: str) -> bool:
+        return False
+
+    trained = Session.trained
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        pass

@@ -6,6 +6,7 @@ KILLED the runs whose process is gone."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -29,6 +30,7 @@ from pipeline.errors import PipelineError, quote
 PREP, TRAIN = PrepConfig(), TrainConfig()
 CKPT_EVERY = "epoch,60s"  # checkpointing.DEFAULT_EVERY, without importing torch for --help
 PREP_KEYS = tuple(f.name for f in fields(PrepConfig))
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
 
 
 class Number(click.ParamType):
@@ -184,6 +186,28 @@ def _checkpoint_config(kwargs: dict):
                             resume, kwargs.pop("checkpoint_dir"))  # fmt: skip
 
 
+launch_options = _options(
+    [
+        click.option("--nproc-per-node", type=click.IntRange(min=1), default=1,
+                     show_default=True,
+                     help="Ranks on this host: > 1 trains data-parallel (DDP), each rank "
+                     "batch_size / ranks of every batch, through torch's elastic launcher."),
+        click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Hosts; run this command on each, with the same --rdzv-endpoint."),
+        click.option("--node-rank", type=click.IntRange(min=0), default=None,
+                     help="This host's number; node 0 hosts the rendezvous."),
+        click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                     help="c10d rendezvous of the hosts. [default: 127.0.0.1, a free port]"),
+    ]
+)  # fmt: skip
+
+
+def _launch(nproc_per_node: int, nnodes: int, node_rank: int | None, rdzv_endpoint: str | None):
+    from pipeline.launch import Launch
+
+    return Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+
+
 def _train_config(data: str, compile_: bool, **kwargs) -> TrainConfig:
     return TrainConfig(data=data, compile=compile_, **kwargs)
 
@@ -193,6 +217,8 @@ def _train_config(data: str, compile_: bool, **kwargs) -> TrainConfig:
 def cli(ctx: click.Context) -> None:
     """Train PyTorch image classifiers and track them with MLflow."""
     if ctx.invoked_subcommand != "sync" and "--help" not in sys.argv and "-h" not in sys.argv:
+        if _other_rank():  # rank 0 alone talks to the tracking store
+            return
         from pipeline import store
         from pipeline.tracking.spool import check_settings, sync_quietly
 
@@ -214,25 +240,39 @@ def prep(**kwargs) -> None:
 @click.option("--data", required=True, help="A prepared .pt file or a data_prep run id.")
 @train_options
 @checkpoint_options
-def train(data: str, compile_: bool, **kwargs) -> None:
+@launch_options
+# What `main --nproc-per-node` passes its ranks: nest the train run under main's parent.
+@click.option("--parent-run-id", default=None, hidden=True)
+@click.option("--experiment-id", default=None, hidden=True)
+def train(data: str, compile_: bool, parent_run_id, experiment_id, **kwargs) -> None:
     """train: fit one model on prepared data and log everything to MLflow."""
     from pipeline.steps import run_train
 
+    launch = _launch(*(kwargs.pop(k) for k in LAUNCH_KEYS))
     checkpoints = _checkpoint_config(kwargs)
-    run_train(_train_config(data, compile_, **kwargs), checkpoints=checkpoints)
+    cfg = _train_config(data, compile_, **kwargs)
+    if launch.needed:
+        from pipeline.launch import launch_train
+
+        launch_train(cfg, launch, checkpoints=checkpoints)
+        return
+    run_train(cfg, experiment_id=experiment_id, parent_run_id=parent_run_id,
+              checkpoints=checkpoints)  # fmt: skip
 
 
 @cli.command(short_help="data_prep then train, as children of one run.")
 @prep_options
 @train_options
 @checkpoint_options
+@launch_options
 def main(compile_, **kwargs) -> None:
     """main: data_prep then train, as child runs of one parent run."""
     from pipeline.steps import run_main
 
+    launch = _launch(*(kwargs.pop(k) for k in LAUNCH_KEYS))
     checkpoints = _checkpoint_config(kwargs)
     prep_cfg = PrepConfig(**{k: kwargs.pop(k) for k in PREP_KEYS})
-    run_main(prep_cfg, _train_config("", compile_, **kwargs), checkpoints)
+    run_main(prep_cfg, _train_config("", compile_, **kwargs), checkpoints, launch)
 
 
 @cli.command(short_help="Train a challenger; promote it only if better.")
@@ -461,9 +501,18 @@ def entry() -> None:
     _exit_now(code)
 
 
+def _other_rank() -> bool:
+    """Whether torchrun started this process as a rank other than 0 (pipeline.distributed)."""
+    return "LOCAL_RANK" in os.environ and os.environ.get("RANK", "0") != "0"
+
+
 def _main() -> int:
     from pipeline import signals, store
 
+    if _other_rank():
+        # Only rank 0 adopts the run `mlflow run` made; the others never touch it, not even
+        # to mark it when they fail (`_fail`).
+        os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         store.resolve_under_mlflow_run()
         _die_with_mlflow_run()
@@ -476,6 +525,8 @@ def _main() -> int:
     except (click.ClickException, PipelineError) as exc:
         if signals.received() is not None:  # the error is the signal's doing
             return _interrupted()
+        if getattr(exc, "quiet", False):  # another process has said it (rank 0)
+            return 1
         message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
         return _fail(message, getattr(exc, "exit_code", 1))
     except Exception as exc:
@@ -483,6 +534,11 @@ def _main() -> int:
             return _interrupted()
         from pipeline.tracking.spool import explain
 
+        if "LOCAL_RANK" in os.environ:  # a rank of a DDP training: a peer that went away
+            from pipeline.distributed import explain as explain_group
+
+            if (message := explain_group(exc)) is not None:
+                return _fail(message, 1)
         # A full disk or an unreachable tracking server: the path or the server, and why.
         if (message := explain(exc)) is not None:
             return _fail(message, 1)

@@ -166,9 +166,14 @@ def train_epoch(
     log_every: int = 1,
     amp: bool = False,
     on_step: StepHook | None = None,
+    shard: Callable[[torch.Tensor], tuple[torch.Tensor, float]] | None = None,
 ) -> None:
     """One pass over (x, y) in a fresh shuffled order, batches sliced from device tensors;
     or, when `state` stopped inside an epoch (0 < batch < batches), the rest of that one.
+
+    `shard`, if given, maps each batch's indices to the part this process trains on and the
+    weight of its loss (see pipeline.distributed.BatchSplit); `batch_size` is then the
+    batch of all processes together.
 
     Raises `Diverged` when a logged step's loss is NaN or infinite; the state is then
     mid-epoch, its weights most likely not finite. A stop signal (`signals.Terminated`)
@@ -188,14 +193,16 @@ def train_epoch(
     pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
     try:
         for i in range(state.batch, batches):
-            idx = order[i * batch_size : (i + 1) * batch_size]
+            idx, weight = order[i * batch_size : (i + 1) * batch_size], 1.0
+            if shard is not None:
+                idx, weight = shard(idx)
             # index_select gathers the same rows as x[idx] at half the cost of advanced indexing.
             xb, yb = x.index_select(0, idx), y.index_select(0, idx)
             with _autocast(x.device, amp):
                 logits = forward(xb)
                 loss = loss_fn(logits.float(), yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             lr = optimizer.param_groups[0]["lr"]  # the lr this step trains at
             with signals.deferred:  # the update, its count and its row, whole
                 optimizer.step()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpointing, signals, tracking
+from pipeline import checkpointing, distributed, signals, tracking
 from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import (
     CHOICES,
@@ -168,16 +168,21 @@ def run_train(
     `checkpoints`: when to write checkpoints and which run to resume (`CheckpointConfig`).
     `on_epoch_end(epoch, {"val/loss": ..., "val/accuracy": ...})` is called after each
     epoch's validation (a search's pruner); whatever it raises ends the run FAILED.
+    Started by torchrun, this process is one rank of a data-parallel training
+    (pipeline.distributed): one run, written by rank 0 alone, which alone decides what to
+    resume and writes checkpoints; every rank trains on from the same state.
     """
     t0 = time.perf_counter()
     lr, momentum = validate_train(cfg)
     ck = checkpoints or CheckpointConfig()
     checkpointing.parse_every(ck.every)
-    device = resolve_device(cfg.device)
+    group = distributed.setup(cfg.device, cfg.batch_size)
+    device = group.device
+    tracking = distributed.tracking_for(group)  # on ranks other than 0: one that writes nothing
     store = tracking.open_store_in_background()
     try:
-        path, digest = resolve_data(cfg.data)
-        data = load_prepared(path, digest)
+        path, digest = group.from_main(lambda: resolve_data(cfg.data))
+        data = load_prepared(group.local_copy(path, digest), digest)
         steps_per_epoch = -(-len(data.splits["train"].labels) // cfg.batch_size)
         check_warmup(cfg, steps_per_epoch)
     except PipelineError:
@@ -202,6 +207,7 @@ def run_train(
         state.forward = torch.compile(model)
     else:
         state.forward = training_forward(model)  # same result, a fraction of the arithmetic
+    state.forward = group.wrap(model, state.forward)
     loss_fn = build_loss(cfg.loss, cfg.label_smoothing)
     tracking.import_end_of_run()
     store.join()
@@ -216,13 +222,21 @@ def run_train(
         "dataset": data.dataset,
         "n_params": count_parameters(model),
         "train_size": len(y["train"]),
+        **group.params(),  # world_size, nnodes, backend of a DDP run
     }
     meta = {"params": requested_params(cfg), "data_digest": digest,
-            "code_version": tracking.code_version()}  # fmt: skip
-    resumed = checkpointing.resume_target(
-        ck, meta["params"] | {"data_digest": digest}, "train", experiment_id,
-        ck.scope or parent_run_id,
-    )  # fmt: skip
+            "code_version": _code_version()}  # fmt: skip
+    found: dict = {}
+
+    def target() -> str | None:  # rank 0 alone: it reads the tracking store
+        found["run"] = checkpointing.resume_target(
+            ck, meta["params"] | {"data_digest": digest}, "train", experiment_id,
+            ck.scope or parent_run_id,
+        )  # fmt: skip
+        return None if found["run"] is None else found["run"].info.run_id
+
+    resumed_id = group.from_main(target)
+    resumed = found.get("run")  # the mlflow Run, on rank 0
     start_step = 0
     with (
         tracking.start_run(
@@ -231,12 +245,15 @@ def run_train(
             nested=nested,
             experiment_id=experiment_id,
             parent_run_id=parent_run_id,
-            run_id=None if resumed is None else resumed.info.run_id,
+            run_id=resumed_id,
             system_metrics=True,
             writer_process=writer,
         ) as run,
-        checkpointing.Session(run, state, ck, meta, resumed, writer.proc.pid) as session,
+        distributed.checkpoint_session(group, run, state, ck, meta, resumed, writer) as session,
     ):
+        run.run_id = distributed.share_run_id(group, run.run_id)
+        if resumed_id is not None:
+            group.share_state(state)  # rank 0's checkpoint, loaded by every rank
         # A resume on another machine reads the data from another path: the run keeps its own
         # (its identity, params and data digest, was checked before it was reopened).
         tracking.log_params({k: v for k, v in params.items() if not session.resumed
@@ -250,7 +267,9 @@ def run_train(
             }
         )
         console = ConsoleReporter(cfg.epochs * steps_per_epoch, cfg.print_every)
-        tracker = Fanout([session.tracker, console])
+        console = console if group.is_main else distributed.Quiet()  # one progress bar: rank 0's
+        tracker = group.tracker(Fanout([session.tracker, console]), len(y["train"]),
+                                cfg.batch_size)  # fmt: skip
         start_step, es = state.step, state.early_stopping
         t_loop = time.perf_counter()
         diverged = None
@@ -258,9 +277,10 @@ def run_train(
             while not session.trained(cfg.epochs):
                 if state.batch < steps_per_epoch:  # else only its validation is left
                     train_epoch(state, x["train"], y["train"], loss_fn, tracker, cfg.batch_size,
-                                cfg.log_every, cfg.amp, session.checkpointer)  # fmt: skip
+                                cfg.log_every, cfg.amp, session.checkpointer,
+                                group.shard())  # fmt: skip
                 checkpointing.kill_point("val", state.epoch, session.checkpointer.settle)
-                val = evaluate(model, x["val"], y["val"], loss_fn, data.num_classes)
+                val = group.evaluate(evaluate, model, x["val"], y["val"], loss_fn, data.num_classes)
                 # At the epoch's last global step, on train/*'s x axis; `epoch` lets the UI
                 # plot any metric against epochs instead.
                 tracker.log_metrics(
@@ -285,9 +305,11 @@ def run_train(
         model_step = state.step
         if diverged is None:
             if es is not None:
-                model_step = _early_stopping_end(es, state, model, cfg, steps_per_epoch,
-                                                 session.logged("best_epoch"))  # fmt: skip
-            test = evaluate(model, x["test"], y["test"], loss_fn, data.num_classes)
+                model_step = _early_stopping_end(
+                    es, state, model, cfg, steps_per_epoch, session.logged("best_epoch"), tracking
+                )
+            test = group.evaluate(evaluate, model, x["test"], y["test"], loss_fn,
+                                  data.num_classes)  # fmt: skip
             example = to_model_input(data.splits["test"].images[:2]).numpy()
             # Every point written first: log_model attaches to the model the run's metrics
             # at its step (the last step's train/*, val/*, epoch), whichever got there.
@@ -305,7 +327,7 @@ def run_train(
                                         test_split)  # fmt: skip
             tracking.set_tags({DIVERGED_TAG: "false"})
         else:
-            test = _diverged(diverged)
+            test = _diverged(diverged, tracking)
             model.cpu()
         samples = _samples_trained(state.epoch, state.step, steps_per_epoch, len(y["train"]),
                                    cfg.batch_size)  # fmt: skip
@@ -338,7 +360,13 @@ def run_train(
     return TrainResult(run.run_id, test.loss, test.accuracy, model_uri, model, at)
 
 
-def _diverged(exc: Diverged) -> Evaluation:
+def _code_version() -> str:
+    """The code version checkpoints record; computed without the tracking store, on every
+    rank (`tracking` in run_train is a stand-in on ranks other than 0)."""
+    return tracking.code_version()
+
+
+def _diverged(exc: Diverged, tracking=tracking) -> Evaluation:
     """Record a diverged run: tags, and NaN test metrics at the step it diverged.
 
     The test split is not evaluated: weights that produced a loss that is not finite are not
@@ -356,6 +384,7 @@ def _early_stopping_end(
     cfg: TrainConfig,
     steps_per_epoch: int,
     logged: bool,
+    tracking=tracking,
 ) -> int:
     """Log `best_epoch` and `stopped_epoch` (the last epoch trained, whether or not it stopped
     early; unless a resumed run has them) and load the best epoch's weights unless the last
@@ -447,15 +476,30 @@ def reusable_prep(prep: PrepConfig, experiment_id: str) -> PrepResult | None:
 
 
 def run_main(
-    prep: PrepConfig, train: TrainConfig, checkpoints: CheckpointConfig | None = None
-) -> TrainResult:
+    prep: PrepConfig,
+    train: TrainConfig,
+    checkpoints: CheckpointConfig | None = None,
+    launch=None,
+) -> TrainResult | None:
     """data_prep then train as child runs of one parent; a matching data_prep run is reused.
 
     `checkpoints.resume` names a main run (or `auto`): it is reopened, and its unfinished
-    train child resumed from its checkpoint.
+    train child resumed from its checkpoint. With `launch` (pipeline.launch.Launch) asking
+    for more than one process, train runs on that many ranks, its one run still a child of
+    the parent; returns None then.
     """
     validate_prep(prep)
     validate_train(train)
+    if distributed.launched():  # every rank would prepare data and open a parent run
+        raise PipelineError(
+            "`pipeline main` is not a torchrun worker; run `pipeline main --nproc-per-node N` "
+            "(or torchrun ... -m pipeline train --data RUN_ID)"
+        )
+    if launch is not None and launch.needed:
+        from pipeline.distributed import check_batch_size
+
+        launch.check()
+        check_batch_size(train.batch_size, launch.world_size)
     ck = checkpoints or CheckpointConfig()
     checkpointing.parse_every(ck.every)
     wanted = prep.params() | requested_params(train)
@@ -472,12 +516,22 @@ def run_main(
         tracking.set_tags(
             {"data_prep_run_id": prepared.run_id, "data_prep_reused": str(prepared.reused)}
         )
+        train = replace(train, data=prepared.run_id)
         child = replace(ck, resume="auto" if resumed else None, scope=parent.run_id)
-        result = run_train(
-            replace(train, data=prepared.run_id),
-            nested=True,
-            experiment_id=parent.experiment_id,
-            checkpoints=child,
-        )
-        tracking.set_tags({"train_run_id": result.run_id})
+        if launch is not None and launch.needed:
+            from pipeline.launch import launch_train
+
+            result = None
+            # The ranks' `auto` looks among the children of --parent-run-id: the scope.
+            run_id = launch_train(
+                train, launch, parent_run_id=parent.run_id,
+                experiment_id=parent.experiment_id, checkpoints=child,
+            )  # fmt: skip
+        else:
+            result = run_train(
+                train, nested=True, experiment_id=parent.experiment_id, checkpoints=child
+            )
+            run_id = result.run_id
+        if run_id is not None:  # None: rank 0 runs on another host
+            tracking.set_tags({"train_run_id": run_id})
     return result

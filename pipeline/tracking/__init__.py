@@ -13,6 +13,7 @@ One module per job:
 - `artifacts`: files, evaluations and the logged model;
 - `resume`: resuming a run: dead or alive, its last logged steps, its checkpoint artifacts;
 - `search`: a search's trial and final runs: their tags and states, and finding them;
+- `ranks`: rank 0's run as the launcher of a data-parallel training sees it;
 - `spool`: what a run could not write to an unreachable server, kept and written later.
 
 Every public name is also reachable as `pipeline.tracking.<name>`, imported on first use:
@@ -27,7 +28,7 @@ from typing import Any
 from pipeline.tracking import spool
 
 _MODULES = ("tags", "versions", "connection", "writer", "runs", "processes", "experiments",
-            "queries", "artifacts", "resume", "search")  # fmt: skip
+            "queries", "artifacts", "resume", "search", "ranks")  # fmt: skip
 _EXPORTS = {
     "tags": (
         "CODE_VERSION_TAG", "ENTRY_POINTS", "ENTRY_POINT_TAG", "ERROR_TAG", "EXPERIMENT_KIND_TAG",
@@ -58,6 +59,7 @@ _EXPORTS = {
         "log_artifact", "log_artifacts_to", "log_dict", "log_evaluation", "log_model",
         "log_prepared_data", "prepared_file_of", "split_dataset",
     ),
+    "ranks": ("end_if_orphaned", "keep_killed_under_mlflow_run"),
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = ["spool", *_MODULES, *_WHERE]
