@@ -60,9 +60,9 @@ def test_lock_check_catches_added_removed_and_tightened_requirements():
     mlxtend = next(d for d in deps if d.startswith("mlxtend"))
     deps[deps.index(mlxtend)] = "mlxtend>=99"  # tightened: the pin no longer meets it
     deps.remove(next(d for d in deps if d.startswith("psutil")))  # removed, still locked
-    deps.append("optuna>=4")  # added without relocking
+    deps.append("tensorboard>=2")  # added without relocking
     problems = _lock_problems(pyproject, ROOT / "requirements/runtime.txt", None)
-    assert "missing: optuna>=4" in problems
+    assert "missing: tensorboard>=2" in problems
     assert "mlxtend==0.25.0 does not meet mlxtend>=99" in problems
     assert "stale: psutil (no longer in pyproject.toml)" in problems
     assert len(problems) == 3, problems
