@@ -174,15 +174,18 @@ def _finals(exp: Experiment, summary: list[dict], ctx: Context, prepared, pool):
     pending = [t for t in trials if t.name not in done]
     print(f"search: {len(trials)} final runs ({len(spec.final_seeds)} seeds of each best "
           f"setting), {len(done)} already finished, {len(pending)} to run")  # fmt: skip
+    # `auto` among the search's own runs: an interrupted final run goes on from its checkpoint.
+    checkpoints = replace(exp.checkpoints, scope=ctx.parent_run_id)
     if pool is None:
-        ran = _run_here(pending, ctx.experiment_id)
+        ran = _run_here(pending, ctx.experiment_id, checkpoints)
         for o in ran:
             if o.run_id:
                 tracking_search.tag_run(o.run_id, tags[o.trial.name])
     else:
         tasks = [{"kind": "train", "config": asdict(t.config), "name": t.name,
                   "experiment_id": ctx.experiment_id, "parent_run_id": ctx.parent_run_id,
-                  "tags": tags[t.name]} for t in pending]  # fmt: skip
+                  "tags": tags[t.name], "checkpoints": asdict(checkpoints)}
+                 for t in pending]  # fmt: skip
         results = pool.run(tasks)
         ran = []
         for t, r in zip(pending, results, strict=True):
