@@ -272,13 +272,18 @@ def test_a_server_killed_mid_run_and_restarted_loses_nothing(server, sample_file
     proc, run_id = _train(
         server, sample_file, tmp_path, 2,
         PIPELINE_SPOOL_DIR=str(tmp_path / "spool"), PIPELINE_SERVER_WAIT="180",
+        PIPELINE_CHECKPOINT_DIR=str(tmp_path / "checkpoints"),
     )  # fmt: skip
     server.kill()  # the run is training: its points, evaluation and model meet a dead server
     time.sleep(10)
     server.start()
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "Traceback" not in err and "Warning" not in err, err
+    # A checkpoint upload that met the dead server says so (the file stays local, for a
+    # resume); nothing of the run's record may be kept or lost.
+    warnings = [w for w in err.splitlines()
+                if "Warning" in w and not w.startswith("Warning: checkpoint not uploaded")]  # fmt: skip
+    assert "Traceback" not in err and not warnings, err
     _assert_complete(server.uri, run_id, 2)
     assert f"run_id={run_id} model=models:/" in out
     assert not list((tmp_path / "spool").rglob("*.jsonl"))  # nothing left kept
