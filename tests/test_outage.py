@@ -281,8 +281,8 @@ def test_a_server_killed_mid_run_and_restarted_loses_nothing(server, sample_file
     assert proc.returncode == 0, err
     # A checkpoint upload that met the dead server says so (the file stays local, for a
     # resume); nothing of the run's record may be kept or lost.
-    warnings = [w for w in err.splitlines()
-                if "Warning" in w and not w.startswith("Warning: checkpoint not uploaded")]  # fmt: skip
+    checkpoint = "Warning: checkpoint not uploaded"
+    warnings = [w for w in err.splitlines() if "Warning" in w and not w.startswith(checkpoint)]
     assert "Traceback" not in err and not warnings, err
     _assert_complete(server.uri, run_id, 2)
     assert f"run_id={run_id} model=models:/" in out
