@@ -360,6 +360,9 @@ def test_sigkill_of_a_sweep_stops_its_trials_and_the_resume_ends_orphans(trackin
     path.write_text(
         f"experiment: killed\ndata: {{data_dir: {tmp_path / 'data'}}}\n"
         "base: {epochs: 1, batch_size: 16, log_every: 10}\ngrid: {optimizer: [adam, sgd]}\n"
+        # Trials start over: what ends orphans and reruns them is tested here; resuming an
+        # interrupted trial from its checkpoint (the default) is tests/test_resume.py's.
+        "resume: never\n"
     )
     client = MlflowClient(tracking)
 
