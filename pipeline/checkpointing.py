@@ -214,7 +214,9 @@ class Checkpointer:
         self.folder = root(config.directory) / run_id
         self.meta, self.points, self.upload = meta, points, upload
         self._thread: threading.Thread | None = None
-        self._uploading: threading.Thread | None = None
+        self._uploading: threading.Thread | None = None  # while uploads are on their way
+        self._pending: Path | None = None  # the newest checkpoint not uploaded yet
+        self._upload_lock = threading.Lock()
         self._error: BaseException | None = None
         self._last_time = time.monotonic()
         self._saved: list[int] = []  # global steps of the checkpoints written, in order
@@ -293,21 +295,37 @@ class Checkpointer:
             self._error = exc
 
     def _start_upload(self, path: Path) -> None:
-        """Upload on a thread of its own, which training never waits for: while one is still
-        on its way (a slow or unreachable server), newer checkpoints are not uploaded; the
-        next one after it is."""
-        if self.upload is None or (self._uploading is not None and self._uploading.is_alive()):
+        """Upload on a thread of its own, which training never waits for. While one is on
+        its way (a slow or unreachable server), newer checkpoints wait; when it is done, the
+        newest of them goes next, so the run's artifacts catch up with the last checkpoint
+        written, not the one after it."""
+        if self.upload is None:
             return
-        self._uploading = threading.Thread(
-            target=self._upload, args=(path,), name="checkpoint-upload", daemon=True
-        )
-        self._uploading.start()
+        with self._upload_lock:
+            self._pending = path
+            if self._uploading is not None:  # the thread on its way takes it next
+                return
+            self._uploading = threading.Thread(
+                target=self._upload_pending, name="checkpoint-upload", daemon=True
+            )
+            self._uploading.start()
+
+    def _upload_pending(self) -> None:
+        while True:
+            with self._upload_lock:
+                path, self._pending = self._pending, None
+                if path is None:
+                    self._uploading = None
+                    return
+            self._upload(path)
 
     def _upload(self, path: Path) -> None:
         try:
             self.upload(path, [n for n in self._uploaded if n != path.name])
             self._uploaded = [path.name]
         except Exception as exc:  # noqa: BLE001 - the local copy still resumes here
+            if not path.exists():  # a newer checkpoint replaced it meanwhile: that one goes
+                return
             if not self.warned:
                 self.warned = True
                 print(f"Warning: checkpoint not uploaded to run {self.run_id}: "
@@ -321,8 +339,9 @@ class Checkpointer:
 
     def wait_upload(self, timeout_s: float = UPLOAD_WAIT_S) -> None:
         """Give the upload on its way at most `timeout_s` s to finish (a run's end)."""
-        if self._uploading is not None:
-            self._uploading.join(timeout_s)
+        thread = self._uploading
+        if thread is not None:
+            thread.join(timeout_s)
 
     def join(self) -> None:
         """Wait for the checkpoint being written; raise what writing it raised."""

@@ -282,6 +282,44 @@ def test_checkpointer_writes_on_its_thread_and_keeps_only_the_newest(tmp_path):
     assert [p.name for p in checkpointing.local(tmp_path / "r")] == ["step-000000005.pt"]
 
 
+def test_a_slow_upload_is_followed_by_the_newest_checkpoint_not_the_next_one(tmp_path):
+    """Checkpoints written while an upload is on its way wait; the newest of them is
+    uploaded when it is done, so the artifacts end at the last checkpoint written (a resume
+    on another machine starts there). Found by CI: under load, the epoch-end checkpoint was
+    written during the previous one's upload and never uploaded."""
+    import threading
+
+    from pipeline.loop import TrainState
+    from pipeline.models import build_model
+
+    model = build_model("mlp")
+    state = TrainState(model, torch.optim.Adam(model.parameters()), torch.Generator())
+    first_started, release = threading.Event(), threading.Event()
+    uploads: list[tuple[str, list[str]]] = []
+
+    def upload(path: Path, older: list[str]) -> None:
+        load(path)  # the file is whole when its upload starts
+        first_started.set()
+        release.wait(30)  # a slow server
+        uploads.append((path.name, older))
+
+    ck = Checkpointer("r", CheckpointConfig(directory=str(tmp_path)), {},
+                      tracking_resume.PointLog(), upload=upload)  # fmt: skip
+    state.step = 10
+    ck.save(state, wait=True)
+    assert first_started.wait(30)
+    for step in (20, 29):  # written while step 10 is on its way
+        state.step = step
+        ck.save(state, wait=True)
+    release.set()
+    ck.settle()
+    assert uploads == [
+        ("step-000000010.pt", []),
+        ("step-000000029.pt", ["step-000000010.pt"]),  # 20 never went: 29 replaced it
+    ]
+    assert not ck.warned
+
+
 @pytest.mark.slow
 def test_early_stopping_stops_at_the_same_epoch_after_a_kill(tracking, tmp_path, sample_file):
     """Patience 1 on val/accuracy stops after epoch 6 (best: 5) and logs the best model;
