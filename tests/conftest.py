@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -122,3 +127,69 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
     assert len(errors) == 1, proc.stderr
     assert needle in errors[0], errors[0]
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120, log: Path | None = None):
+    """Until `url` answers 2xx; fails at once if `proc` (the server) exits, with its `log`."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            assert proc.poll() is None, f"{proc.args[:3]} exited with {proc.returncode}\n{tail}"
+            assert time.time() < deadline, f"{url} did not answer in {timeout} s\n{tail}"
+            time.sleep(0.3)
+
+
+@contextmanager
+def running_mlflow_server(folder: Path, backend_uri: str, workers: int = 1) -> Iterator[str]:
+    """A real `mlflow server` on a free port of 127.0.0.1, artifacts and log in `folder`;
+    yields its URL, and stops it (its whole process group) on the way out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), folder / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", str(workers), "--backend-store-uri", backend_uri,
+             "--artifacts-destination", str(folder / "artifacts")],
+            stdout=out, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
+        )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", proc, log=log)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch) -> Iterator[str]:
+    """A real `mlflow server` with its own sqlite store, used by this process and children
+    (locks, spool and checkpoints in the test's folder, as with `tracking`)."""
+    folder = tmp_path / "server"
+    with running_mlflow_server(folder, f"sqlite:///{folder}/mlflow.db") as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("PIPELINE_LOCK_DIR", str(tmp_path / "locks"))
+        monkeypatch.setenv("PIPELINE_SPOOL_DIR", str(tmp_path / "spool"))
+        monkeypatch.setenv("PIPELINE_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+        monkeypatch.chdir(tmp_path)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            while mlflow.active_run():
+                mlflow.end_run()

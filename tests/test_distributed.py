@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pipeline.distributed import BatchSplit, Group
 from pipeline.launch import train_args
 from pipeline.steps import run_train
 
-from .conftest import ROOT, assert_one_line_error, run_cli, start_cli
+from .conftest import ROOT, assert_one_line_error, free_port, run_cli, start_cli
 
 TRAIN_SIZE = 3599  # odd: the last batch of 128 (15 samples) splits 8 / 7 between two ranks
 RTOL = 1e-5  # every train/loss point and the test metrics, 2 ranks against 1 process
@@ -79,12 +78,6 @@ def _wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 180) -> N
         if not line and proc.poll() is not None:
             break
     raise AssertionError(f"no line with {text!r}; exit {proc.poll()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("n_global, world", [(128, 2), (15, 2), (1, 2), (7, 3), (2, 4)])
@@ -163,7 +156,7 @@ def _local_copy_rank(rank: int, port: int, sample: Path, tmp: Path) -> None:
 
 @pytest.mark.slow
 def test_a_prepared_file_missing_on_a_host_is_sent_by_rank_0(tmp_path, sample_file):
-    torch.multiprocessing.spawn(_local_copy_rank, (_free_port(), sample_file, tmp_path), 2)
+    torch.multiprocessing.spawn(_local_copy_rank, (free_port(), sample_file, tmp_path), 2)
     assert Path((tmp_path / "rank0").read_text()) == sample_file
     copy = Path((tmp_path / "rank1").read_text())
     assert copy.parent == tmp_path / "cache1" / file_digest(sample_file)[:16]
@@ -231,7 +224,7 @@ def test_main_keeps_its_parent_and_children(tracking, tmp_path):
 @pytest.mark.slow
 def test_two_launchers_form_one_training_with_one_run(tracking, tmp_path, sample_file):
     """Two hosts, simulated: two launchers, --nnodes 2, a c10d rendezvous on 127.0.0.1."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
         start_cli("train", "--data", sample_file, "--epochs", "1", "--log-every", "1000",
                   "--nnodes", "2", "--node-rank", rank, "--rdzv-endpoint", endpoint,

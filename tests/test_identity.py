@@ -22,7 +22,6 @@ from pipeline.errors import PipelineError
 from pipeline.steps import prep_or_reuse, run_prep, run_train
 
 from .conftest import ROOT, assert_one_line_error, run_cli
-from .test_retrain import mlflow_server  # noqa: F401 - a fixture
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -383,7 +382,7 @@ def test_a_password_in_the_tracking_uri_is_never_printed(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_password_in_the_uri_of_a_live_server_is_never_printed(mlflow_server, tmp_path):  # noqa: F811
+def test_a_password_in_the_uri_of_a_live_server_is_never_printed(mlflow_server, tmp_path):
     """MLflow prints `View run ... at: <URI>` when a run on a server ends; the URI's user and
     password are hidden in that line too. (This server ignores the credentials.)"""
     uri = mlflow_server.replace("http://", "http://user:secret@")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -68,14 +68,6 @@ def test_mlflow_run_rejects_bad_input_and_marks_the_run_failed(tracking, tmp_pat
     assert statuses == {"FAILED"}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_logged_model_serves_with_mlflow_models_serve(tracking, tmp_path, sample_file):
     import json
     import time
@@ -91,7 +83,7 @@ def test_logged_model_serves_with_mlflow_models_serve(tracking, tmp_path, sample
     result = run_train(TrainConfig(data=str(sample_file), epochs=1))
     x = to_model_input(load_prepared(sample_file).splits["test"].images[:4]).numpy()
     expected = mlflow.pyfunc.load_model(result.model_uri).predict(x)
-    port = _free_port()
+    port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     server = subprocess.Popen(

@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import spool
 
-from .conftest import assert_one_line_error, start_cli
-from .test_retrain import _env, _free_port, _wait_http
+from .conftest import assert_one_line_error, free_port, start_cli, wait_http
+from .test_retrain import _env
 
 STEPS_PER_EPOCH = math.ceil(3600 / 128)  # the offline sample's train split, batch 128
 
@@ -37,7 +37,7 @@ STEPS_PER_EPOCH = math.ceil(3600 / 128)  # the offline sample's train split, bat
 @pytest.fixture
 def refused() -> str:
     """The URI of a port on 127.0.0.1 where nothing listens: connection refused."""
-    return f"http://127.0.0.1:{_free_port()}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ class Server:
     """A real `mlflow server` on a fixed port, to be killed, frozen and started again."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         root.mkdir()
@@ -208,7 +208,7 @@ class Server:
             cwd=self.root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
-        _wait_http(f"{self.uri}/health", self.proc)
+        wait_http(f"{self.uri}/health", self.proc)
 
     def signal(self, sig: int) -> None:
         os.killpg(self.proc.pid, sig)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -62,55 +60,10 @@ def _champion_version(name: str = NAME) -> str | None:
     return None if current is None else current.version
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     """This interpreter's bin first on PATH, and our worktree importable."""
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            assert proc.poll() is None, f"{proc.args[:3]} exited with {proc.returncode}"
-            assert time.time() < deadline, f"{url} did not answer in {timeout} s"
-            time.sleep(0.5)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    """A real `mlflow server` on a free local port, with its own sqlite store and artifacts."""
-    port = _free_port()
-    root = tmp_path / "server"
-    root.mkdir()
-    proc = subprocess.Popen(
-        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(f"{uri}/health", proc)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.chdir(tmp_path)
-        mlflow.set_tracking_uri(uri)
-        yield uri
-    finally:
-        while mlflow.active_run():
-            mlflow.end_run()
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 # --- the rule and the config file (no MLflow) -------------------------------------------

@@ -22,8 +22,8 @@ import yaml
 from pipeline.data import load_prepared, prepared_path, to_model_input
 from pipeline.retrain import load_config
 
-from .conftest import ROOT
-from .test_retrain import _env, _free_port, _wait_http
+from .conftest import ROOT, free_port, wait_http
+from .test_retrain import _env
 
 DEPLOY = ROOT / "deploy"
 PREFIX = "/opt/pytorch-mlflow-pipeline"  # where the examples assume the project is installed
@@ -173,7 +173,7 @@ def _serve_champion(tmp_path: Path, cfg) -> None:
     uri = f"models:/{cfg.model_name}@champion"
     x = to_model_input(load_prepared(prepared_path(cfg.prep)).splits["test"].images[:8]).numpy()
     expected = mlflow.pyfunc.load_model(uri).predict(x)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
@@ -181,7 +181,7 @@ def _serve_champion(tmp_path: Path, cfg) -> None:
         start_new_session=True,
     )  # fmt: skip
     try:
-        _wait_http(f"http://127.0.0.1:{port}/ping", server)
+        wait_http(f"http://127.0.0.1:{port}/ping", server)
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=json.dumps({"inputs": x.tolist()}).encode(),

@@ -13,18 +13,16 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, free_port, run_cli, running_mlflow_server
 
 # Debian's server binaries, else those on PATH (initdb, pg_ctl and createdb side by side).
 PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
@@ -35,12 +33,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(PG_BIN is None, reason="PostgreSQL binaries (initdb, pg_ctl) not installed"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_postgres(*args: str) -> list[str]:
@@ -57,7 +49,7 @@ def postgres():
     folder.chmod(0o755)
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     subprocess.run(_as_postgres(f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U",
                                 "postgres"), check=True, capture_output=True)  # fmt: skip
     subprocess.run(_as_postgres(f"{PG_BIN}/pg_ctl", "-D", str(data), "-l", str(folder / "log"),
@@ -77,39 +69,11 @@ def postgres():
 @pytest.fixture
 def pg_mlflow_server(postgres, tmp_path, monkeypatch):
     """A real `mlflow server` whose backend store is the PostgreSQL database `mlflow`."""
-    port = _free_port()
-    folder = tmp_path / "server"
-    folder.mkdir()
-    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "2", "--backend-store-uri", f"{postgres}/mlflow",
-         "--artifacts-destination", str(folder / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=folder,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "mlflow server did not come up in 120 s"
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+    with running_mlflow_server(tmp_path / "server", f"{postgres}/mlflow", workers=2) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setenv("PIPELINE_LOCK_DIR", str(tmp_path / "locks"))
         monkeypatch.setenv("PIPELINE_SPOOL_DIR", str(tmp_path / "spool"))
         yield uri, f"{postgres}/optuna"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 SEARCH = """

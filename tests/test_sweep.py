@@ -12,14 +12,11 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -185,51 +182,6 @@ def test_bad_file_on_the_cli_is_one_line_and_creates_nothing(tracking, tmp_path)
 
 
 # --- sweeps against real stores ---------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    """A real `mlflow server` on 127.0.0.1 with a temporary sqlite store and artifact folder."""
-    port = _free_port()
-    folder = tmp_path / "server"
-    folder.mkdir()
-    bin_dir = Path(sys.executable).parent
-    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", str(folder / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=folder,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "mlflow server did not come up in 90 s"
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.chdir(tmp_path)
-        mlflow.set_tracking_uri(uri)
-        yield uri
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _by_step(client: MlflowClient, experiment_id: str) -> dict[str, list]:
