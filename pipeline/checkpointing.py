@@ -630,6 +630,7 @@ class Follower:
 
     def __init__(self, run, state: TrainState, config: CheckpointConfig, agree) -> None:
         self.state, self.tracker = state, run.tracker
+        self.last: dict[str, int] = {}  # what the run has logged: rank 0 alone reads it
         self.checkpointer = Checkpointer(run.run_id or "", config, {}, None, writes=False,
                                          agree=agree)  # fmt: skip
 

@@ -53,8 +53,14 @@ class ConsoleReporter:
         self._bar.update(last.step - self._done)
         self._done = last.step
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """One line per epoch's end: `epoch E: val/loss=... (global step S)`."""
+    def log_metrics(
+        self, metrics: dict[str, float], step: int, timestamp: float | None = None
+    ) -> None:
+        """One line per epoch's end: `epoch E: val/loss=... (global step S)`. System metrics
+        (`system/...`, other hosts' of a data-parallel run) are the UI's, not the terminal's."""
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("system/")}
+        if not metrics:
+            return
         epoch = metrics.get("epoch")
         text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch")
         line = (
@@ -83,6 +89,8 @@ class Fanout:
         for t in self.trackers:
             t.log_steps(rows)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(
+        self, metrics: dict[str, float], step: int, timestamp: float | None = None
+    ) -> None:
         for t in self.trackers:
-            t.log_metrics(metrics, step)
+            t.log_metrics(metrics, step, timestamp)

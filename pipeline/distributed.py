@@ -23,7 +23,8 @@ What makes a DDP run the same training as one process with the same parameters:
 Only rank 0 talks to MLflow; every other rank gets `NoTracking`, which writes nothing and
 never opens the store. Checkpoints follow the same rule: rank 0 decides what to resume,
 loads the checkpoint and sends that state to every rank (`Group.share_state`); rank 0 alone
-writes, at points every rank decides alike (`checkpoint_session`).
+writes, at points every rank decides alike (`checkpoint_session`). The system metrics of
+hosts other than rank 0's are sampled there and logged by rank 0 (`pipeline.hostmetrics`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,9 @@ from pipeline import signals
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.loop import Diverged, Evaluation, StepLog, Tracker
+
+if TYPE_CHECKING:
+    from pipeline.hostmetrics import HostMetrics
 
 THREADS_ENV = "PIPELINE_THREADS_PER_RANK"  # overrides cpus / ranks on this host
 RUN_ID_FILE_ENV = "PIPELINE_RUN_ID_FILE"  # launch.py: where rank 0 writes the run id
@@ -211,11 +216,26 @@ class Group:
         """The loop's `shard`: this rank's part of each global batch; None for one process."""
         return self.split if self.active else None
 
-    def tracker(self, inner: Tracker, train_size: int, batch_size: int) -> Tracker:
-        """`inner` for one process; else a `StepReducer` that forwards to it on rank 0."""
+    def tracker(
+        self, inner: Tracker, train_size: int, batch_size: int, logged: dict[str, int] | None = None
+    ) -> Tracker:
+        """`inner` for one process; else a `StepReducer` that forwards to it on rank 0, and
+        that brings the other hosts' system metrics with it (`hostmetrics.HostMetrics`; a
+        resumed run's `logged`: its last step of each key). A collective with several hosts."""
         if not self.active:
             return inner
-        return StepReducer(inner, self, train_size, batch_size)
+        hosts = None
+        if self.nnodes > 1:
+            from pipeline.hostmetrics import HostMetrics
+
+            hosts = HostMetrics(self, logged)
+        return StepReducer(inner, self, train_size, batch_size, hosts)
+
+    def finish(self, tracker: Tracker) -> None:
+        """After the training loop, on every rank: the other hosts' last system metrics go
+        to rank 0's run (`StepReducer.finish`, a collective). Nothing for one process."""
+        if isinstance(tracker, StepReducer):
+            tracker.finish()
 
     def evaluate(
         self,
@@ -323,10 +343,16 @@ class StepReducer:
     is not reduced and not logged: the other ranks are not at that point, and a collective
     would wait for them forever. Those steps (at most one report's) are lost, rather than
     logged as if one rank's numbers were the global ones.
+
+    With several hosts, the first all-reduce also carries rank 0's "system metrics due"
+    flag (`hostmetrics.HostMetrics.due`); when it is set, one gather brings the other
+    hosts' system metrics to rank 0, which logs them through `inner` at their own steps
+    and timestamps. No collective is added to a report that is not due.
     """
 
-    def __init__(self, inner: Tracker, group: Group, train_size: int, batch_size: int) -> None:
-        self.inner, self.group = inner, group
+    def __init__(self, inner: Tracker, group: Group, train_size: int, batch_size: int,
+                 hosts: HostMetrics | None = None) -> None:  # fmt: skip
+        self.inner, self.group, self.hosts = inner, group, hosts
         self.train_size, self.batch_size = train_size, batch_size
 
     def _global_n(self, epoch_step: int) -> int:
@@ -336,7 +362,9 @@ class StepReducer:
         if sys.exc_info()[0] is not None:
             return
         group, split = self.group, self.group.split
-        longest = group._all_reduce(torch.tensor([len(rows)]), dist.ReduceOp.MAX).item()
+        due = self.hosts is not None and self.hosts.due()  # rank 0's clock decides
+        flags = group._all_reduce(torch.tensor([len(rows), int(due)]), dist.ReduceOp.MAX)
+        longest, due = flags.tolist()
         sums = torch.zeros(longest, 3, dtype=torch.float64)  # loss x n, correct, ranks present
         for j, r in enumerate(rows):
             n = split.sizes(self._global_n(r.epoch_step))
@@ -357,13 +385,27 @@ class StepReducer:
                 break
         if group.is_main and reduced:
             self.inner.log_steps(reduced)
+        if due:
+            self._log_hosts(self.hosts.exchange())
         if reduced and not math.isfinite(reduced[-1].loss):
             raise Diverged(reduced[-1].step, reduced[-1].loss)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(
+        self, metrics: dict[str, float], step: int, timestamp: float | None = None
+    ) -> None:
         """Metrics every rank has already reduced (validation): rank 0 forwards them."""
         if self.group.is_main:
-            self.inner.log_metrics(metrics, step)
+            self.inner.log_metrics(metrics, step, timestamp)
+
+    def finish(self) -> None:
+        """The other hosts' system metrics not gathered yet, to rank 0; their samplers stop.
+        A collective, for the end of training (never on the way out of an exception)."""
+        if self.hosts is not None:
+            self._log_hosts(self.hosts.exchange(last=True))
+
+    def _log_hosts(self, samples: list[tuple[dict[str, float], int, float]]) -> None:
+        for metrics, step, timestamp in samples:  # rank 0's only; [] on the others
+            self.inner.log_metrics(metrics, step, timestamp)
 
 
 def setup(requested_device: str, batch_size: int) -> Group:
@@ -402,7 +444,9 @@ def setup(requested_device: str, batch_size: int) -> Group:
     dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
     atexit.register(_teardown)
     if rank == 0:
-        os.environ[NODE_ID_ENV] = f"node{node_rank}"
+        from pipeline.hostmetrics import node_id
+
+        os.environ[NODE_ID_ENV] = node_id(node_rank)
     else:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     return Group(device, rank, world, local_rank, local_world, node_rank, backend,
@@ -463,7 +507,9 @@ class Quiet:
     def log_steps(self, rows: list[StepLog]) -> None:
         pass
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(
+        self, metrics: dict[str, float], step: int, timestamp: float | None = None
+    ) -> None:
         pass
 
     def close(self) -> None:

@@ -53,7 +53,10 @@ class Diverged(Exception):  # noqa: N818 - an outcome of training, not an error
 class Tracker(Protocol):
     def log_steps(self, rows: list[StepLog]) -> None: ...
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    # timestamp: seconds since the epoch the values were measured at; None: now.
+    def log_metrics(
+        self, metrics: dict[str, float], step: int, timestamp: float | None = None
+    ) -> None: ...
 
 
 @dataclass

@@ -269,7 +269,7 @@ def run_train(
         console = ConsoleReporter(cfg.epochs * steps_per_epoch, cfg.print_every)
         console = console if group.is_main else distributed.Quiet()  # one progress bar: rank 0's
         tracker = group.tracker(Fanout([session.tracker, console]), len(y["train"]),
-                                cfg.batch_size)  # fmt: skip
+                                cfg.batch_size, session.last)  # fmt: skip
         start_step, es = state.step, state.early_stopping
         t_loop = time.perf_counter()
         diverged = None
@@ -300,6 +300,7 @@ def run_train(
         except Diverged as exc:  # an outcome, not a failure: the run ends FINISHED
             diverged = exc
         loop_seconds = time.perf_counter() - t_loop
+        group.finish(tracker)  # the other hosts' last system metrics, before the model's log
         console.close()
         info = None
         model_step = state.step

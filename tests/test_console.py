@@ -65,3 +65,13 @@ def test_print_every_prints_every_divisible_step_off_a_terminal(capsys):
         "Epoch 1, step 10: loss=0.0909, acc=0.5000",
         "Epoch 1, step 20: loss=0.0476, acc=0.5000",
     ]
+
+
+def test_system_metrics_are_not_printed(capsys):
+    """Other hosts' system metrics reach rank 0's trackers (pipeline.hostmetrics): the UI's,
+    not the terminal's."""
+    console = ConsoleReporter(total_steps=30)
+    console.log_metrics({"system/node1/cpu_utilization_percentage": 12.5}, 3, 1.7e9)
+    console.log_metrics({"val/loss": 0.25, "system/node1/disk_usage_percentage": 40.0}, 30)
+    console.close()
+    assert capsys.readouterr().err.splitlines() == ["global step 30: val/loss=0.2500"]

@@ -142,21 +142,73 @@ def test_a_batch_that_does_not_divide_is_one_line_before_any_rank(tracking, tmp_
     assert not _runs(MlflowClient(tracking))
 
 
-def _local_copy_rank(rank: int, port: int, sample: Path, tmp: Path) -> None:
-    """One of two gloo ranks; rank 1's path stands for the file missing on its host."""
+class _Recorder:
+    """Rank 0's inner tracker: what StepReducer hands it."""
+
+    def __init__(self) -> None:
+        self.rows: list = []
+        self.metrics: list[tuple[dict, int, float | None]] = []
+
+    def log_steps(self, rows) -> None:
+        self.rows += rows
+
+    def log_metrics(self, metrics, step, timestamp=None) -> None:
+        self.metrics.append((metrics, step, timestamp))
+
+
+def _two_hosts_rank(rank: int, port: int, sample: Path, tmp: Path) -> None:
+    """Rank `rank` of two gloo ranks, one per "host" (node rank = rank), running the checks
+    of the tests below in one start-up of two processes; results in `tmp`."""
+    import json
+
     import torch.distributed as dist
 
+    from pipeline.loop import StepLog
+
     os.environ["PIPELINE_DATA_CACHE"] = str(tmp / f"cache{rank}")
+    # rank 0's interval is the run's; rank 1's own must not count
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5" if rank == 0 else "60"
     dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    group = Group(torch.device("cpu"), rank, 2, rank, 2, 0, "gloo", BatchSplit(rank, 2))
+    group = Group(torch.device("cpu"), rank, 2, 0, 1, rank, "gloo", BatchSplit(rank, 2))
+
+    # rank 1's path stands for the file missing on its host
     path = sample if rank == 0 else tmp / "not-on-this-host" / sample.name
     (tmp / f"rank{rank}").write_text(str(group.local_copy(path, file_digest(sample))))
+
+    inner = _Recorder()
+    # a resumed run that has node1's steps up to 4: its next one is 5
+    tracker = group.tracker(inner, 256, 128, {"system/node1/cpu_utilization_percentage": 4})
+    rows = [StepLog(1, i, i + 1, time.time(), 1.0, 0.5, 0.1) for i in range(2)]
+    seen = []
+    tracker.log_steps(rows[:1])  # not due yet: nothing gathered
+    seen.append(len(inner.metrics))
+    try:  # a report on the way out of an exception: no collective at all
+        raise RuntimeError
+    except RuntimeError:
+        tracker.log_steps(rows[1:])
+    time.sleep(1.2)
+    tracker.log_steps(rows[1:])  # due: one gather with the report
+    seen.append(len(inner.metrics))
+    time.sleep(0.8)
+    group.finish(tracker)  # the last ones; the sampler stops
+    seen.append(len(inner.metrics))
+    result = {"seen": seen, "metrics": inner.metrics, "steps": [r.step for r in inner.rows]}
+    (tmp / f"hosts{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory, sample_file) -> Path:
+    """The folder of `_two_hosts_rank`'s results, its two ranks spawned once."""
+    tmp = tmp_path_factory.mktemp("two-hosts")
+    tmp.joinpath("t0").write_text(repr(time.time()))
+    torch.multiprocessing.spawn(_two_hosts_rank, (free_port(), sample_file, tmp), 2)
+    return tmp
+
+
 @pytest.mark.slow
-def test_a_prepared_file_missing_on_a_host_is_sent_by_rank_0(tmp_path, sample_file):
-    torch.multiprocessing.spawn(_local_copy_rank, (free_port(), sample_file, tmp_path), 2)
+def test_a_prepared_file_missing_on_a_host_is_sent_by_rank_0(two_hosts, sample_file):
+    tmp_path = two_hosts
     assert Path((tmp_path / "rank0").read_text()) == sample_file
     copy = Path((tmp_path / "rank1").read_text())
     assert copy.parent == tmp_path / "cache1" / file_digest(sample_file)[:16]
@@ -165,9 +217,43 @@ def test_a_prepared_file_missing_on_a_host_is_sent_by_rank_0(tmp_path, sample_fi
 
 
 @pytest.mark.slow
-def test_two_ranks_log_one_run_with_the_single_process_numbers(tracking, tmp_path, odd_file):
+def test_other_hosts_system_metrics_reach_rank_0_with_the_reports(two_hosts):
+    """Transport alone: a gather with a report once due and one at the end, none on the way
+    out of an exception; node1's points numbered on from a resumed run's last step, with
+    their own timestamps, under MLflow's names; rank 1 hands nothing to a tracker."""
+    import json
+
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+    zero, one = (json.loads((two_hosts / f"hosts{r}.json").read_text()) for r in (0, 1))
+    assert one == {"seen": [0, 0, 0], "metrics": [], "steps": []}
+    assert zero["steps"] == [1, 2]  # the report on the way out of an exception was dropped
+    before, with_report, at_end = zero["seen"]
+    assert before == 0 and 1 <= with_report < at_end, zero["seen"]
+    names = set()
+    for monitor in (CPUMonitor(), DiskMonitor(), NetworkMonitor()):
+        monitor.collect_metrics()
+        names |= set(monitor.aggregate_metrics())
+    steps, stamps = [], []
+    for metrics, step, timestamp in zero["metrics"]:
+        assert set(metrics) == {f"system/node1/{n}" for n in names}
+        steps.append(step)
+        stamps.append(timestamp)
+    assert steps == list(range(5, 5 + len(steps)))
+    t0 = float((two_hosts / "t0").read_text())
+    assert stamps == sorted(stamps) and t0 < stamps[0] and stamps[-1] < time.time()
+
+
+@pytest.mark.slow
+def test_two_ranks_log_one_run_with_the_single_process_numbers(
+    tracking, tmp_path, odd_file, monkeypatch
+):
     """Same parameters and seed: every train/loss point within RTOL, train/lr exact, and
-    one run, written by rank 0."""
+    one run, written by rank 0. System metrics: one process's as MLflow names them, one
+    host's under its node id, no other."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     single = run_train(TrainConfig(data=str(odd_file), epochs=1, optimizer="momentum"))
     proc = run_cli("train", "--data", str(odd_file), "--epochs", "1", "--optimizer", "momentum",
                    "--nproc-per-node", "2", cwd=tmp_path, check=True)  # fmt: skip
@@ -189,6 +275,11 @@ def test_two_ranks_log_one_run_with_the_single_process_numbers(tracking, tmp_pat
     one = MlflowClient().get_run(single.run_id).data.metrics
     for key in ("test/loss", "test/accuracy", "val/loss", "val/accuracy"):
         assert ddp.data.metrics[key] == pytest.approx(one[key], rel=RTOL), key
+    names = {k.removeprefix("system/") for k in one if k.startswith("system/")}
+    assert "cpu_utilization_percentage" in names and not any("/" in n for n in names)
+    assert {k for k in ddp.data.metrics if k.startswith("system/")} == {
+        f"system/node0/{n}" for n in names
+    }
 
 
 @pytest.mark.slow
@@ -222,8 +313,11 @@ def test_main_keeps_its_parent_and_children(tracking, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_launchers_form_one_training_with_one_run(tracking, tmp_path, sample_file):
-    """Two hosts, simulated: two launchers, --nnodes 2, a c10d rendezvous on 127.0.0.1."""
+def test_two_launchers_form_one_training_with_one_run(tracking, tmp_path, sample_file, monkeypatch):
+    """Two hosts, simulated: two launchers, --nnodes 2, a c10d rendezvous on 127.0.0.1. The
+    one run has each host's system metrics under its node id, by the same names (MLflow's
+    sampler on rank 0's host, ours on the other), sampled every 0.1 s here."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
         start_cli("train", "--data", sample_file, "--epochs", "1", "--log-every", "1000",
@@ -234,10 +328,22 @@ def test_two_launchers_form_one_training_with_one_run(tracking, tmp_path, sample
     outputs = [node.communicate(timeout=300) for node in nodes]
     for node, (_, err) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, err[-3000:]
-    (run,) = _runs(MlflowClient(tracking))
+    client = MlflowClient(tracking)
+    (run,) = _runs(client)
     assert run.info.status == "FINISHED"
     assert (run.data.params["world_size"], run.data.params["nnodes"]) == ("2", "2")
     assert sum("train: test/loss" in out for out, _ in outputs) == 1
+    assert not any("system/" in err for _, err in outputs)  # the UI's, not the terminal's
+    system = [k.split("/") for k in run.data.metrics if k.startswith("system/")]
+    names = {node: {n for _, nd, n in system if nd == node} for node in ("node0", "node1")}
+    assert {len(k) for k in system} == {3} and {nd for _, nd, _ in system} == set(names)
+    assert "cpu_utilization_percentage" in names["node0"] and names["node1"] == names["node0"]
+    for name in names["node1"]:
+        points = client.get_metric_history(run.info.run_id, f"system/node1/{name}")
+        assert len(points) >= 2, name
+        assert sorted(p.step for p in points) == list(range(len(points))), name  # each once
+        by_step = [p.timestamp for p in sorted(points, key=lambda p: p.step)]
+        assert by_step == sorted(by_step), name
 
 
 @pytest.mark.slow

@@ -64,7 +64,10 @@ class PointLog:
         self.points: list[Point] = []
 
     def add(self, points: list[Point]) -> None:
-        self.points.extend(points)
+        # Not system/* points (other hosts' of a data-parallel run): their steps count
+        # samples, not global steps, so "since a checkpoint's step" means nothing for them;
+        # as with MLflow's own sampler, a killed process loses its last samples.
+        self.points.extend(p for p in points if not p[0].startswith("system/"))
 
     def since(self, step: int) -> list[Point]:
         return [p for p in self.points if p[3] > step]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlflow
+from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
 from mlflow.tracking import MlflowClient
 
 from pipeline import signals, store
@@ -93,7 +94,8 @@ def start_run(
             existing, users_name = _run_to_reopen(step, run_id)
         if existing is not None and run_id is None:  # adopted: nested runs are new runs
             os.environ.pop("MLFLOW_RUN_ID", None)
-        if system_metrics:
+        if system_metrics and not MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.defined:
+            # The user's interval stands (MLflow's variable); else ours, not MLflow's 10 s.
             mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         run, status = None, "FAILED"
         try:

@@ -225,6 +225,8 @@ class MlflowTracker:
             ]
         self.writer.put(points)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        ts = int(time.time() * 1000)
+    def log_metrics(
+        self, metrics: dict[str, float], step: int, timestamp: float | None = None
+    ) -> None:
+        ts = int((time.time() if timestamp is None else timestamp) * 1000)
         self.writer.put([(k, float(v), ts, step) for k, v in metrics.items()])
