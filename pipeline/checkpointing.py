@@ -160,10 +160,11 @@ def _copy(value):
     return value
 
 
-def kill_point(name: str, value: int | None = None, before=None) -> None:
+def kill_point(name: str, value: int | None = None, before=None, until=None) -> None:
     """Tests: SIGKILL this process at `name[:value]` when PIPELINE_KILL_AT names it (of
-    global rank R only: `name:value@R`), or a moment after (`name+seconds`) from a thread,
-    for a point that lasts (model logging).
+    global rank R only: `name:value@R`), or, for a point that lasts (model logging), from a
+    thread a moment after (`name+seconds`) or once `until()` holds (`name+until`: polled
+    every 50 ms, so the kill lands inside the lasting work however slow the machine is).
     `before()` runs first (waiting for a checkpoint being written), so which checkpoints
     exist at the kill is certain, and a test knows where the resume starts."""
     spec = _KILL_AT
@@ -177,7 +178,15 @@ def kill_point(name: str, value: int | None = None, before=None) -> None:
         return
     if before is not None:
         before()
-    if delay:
+    if delay == "until" and until is not None:
+
+        def kill_once_true() -> None:
+            while not until():
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=kill_once_true, name="kill-point", daemon=True).start()
+    elif delay:
         timer = threading.Timer(float(delay), os.kill, (os.getpid(), signal.SIGKILL))
         timer.daemon = True
         timer.start()

@@ -316,7 +316,9 @@ def run_train(
             # at its step (the last step's train/*, val/*, epoch), whichever got there.
             run.flush()
             model_params = {k: "none" if v is None else v for k, v in params.items()}
-            checkpointing.kill_point("model")
+            checkpointing.kill_point(  # tests: `model+until`, while the model is PENDING
+                "model", until=lambda: tracking.pending_models(run.run_id, run.experiment_id)
+            )
             info = resumed_model(run, model_step) if session.resumed else None
             if not info:
                 info = tracking.log_model(model.cpu(), example, classes=data.classes,

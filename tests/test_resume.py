@@ -80,7 +80,7 @@ def test_killed_four_ways_and_resumed_is_bit_identical(tracking, tmp_path, sampl
     baseline = _only_run(client, set())
     expected = _series(client, baseline)
 
-    kills = ["step:13", "epoch:1", "val:2", "model+0.5"]
+    kills = ["step:13", "epoch:1", "val:2", "model+until"]
     run_id = None
     for i, kill_at in enumerate(kills):
         proc = _train(sample_file, "--resume", "auto", kill_at=kill_at, cwd=tmp_path)

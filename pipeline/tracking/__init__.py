@@ -42,8 +42,8 @@ _EXPORTS = {
         "mark_not_started", "set_tags", "start_run",
     ),
     "processes": (
-        "MLFLOW_RUN_ID", "end_orphaned_runs", "fail_pending_models", "mlflow_run_pid",
-        "process_alive", "process_tag",
+        "MLFLOW_RUN_ID", "end_orphaned_runs", "fail_pending_models", "pending_models",
+        "mlflow_run_pid", "process_alive", "process_tag",
     ),
     "experiments": (
         "compare_run", "create_finished_run", "ensure_experiment", "experiment_by_name",

@@ -30,15 +30,19 @@ REASSERT_CODE = (
 )
 
 
-def fail_pending_models(run_id: str, experiment_id: str) -> list[str]:
-    """Finalize as FAILED every logged model of the run still PENDING; returns their ids."""
-    client = MlflowClient()
-    models = client.search_logged_models(
+def pending_models(run_id: str, experiment_id: str) -> list[str]:
+    """The ids of the run's logged models still PENDING (being logged, or cut off)."""
+    models = MlflowClient().search_logged_models(
         experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
     )
-    pending = [m.model_id for m in models if str(m.status) == "PENDING"]
+    return [m.model_id for m in models if str(m.status) == "PENDING"]
+
+
+def fail_pending_models(run_id: str, experiment_id: str) -> list[str]:
+    """Finalize as FAILED every logged model of the run still PENDING; returns their ids."""
+    pending = pending_models(run_id, experiment_id)
     for model_id in pending:
-        client.finalize_logged_model(model_id, "FAILED")
+        MlflowClient().finalize_logged_model(model_id, "FAILED")
     return pending
 
 
