@@ -527,7 +527,7 @@ class NoTracking:
     def open_store_in_background(self):
         return SimpleNamespace(join=lambda: None)
 
-    def WriterProcess(self):  # noqa: N802 - stands in for tracking.WriterProcess
+    def writer_process(self):
         return None
 
     def import_end_of_run(self) -> None:

@@ -192,7 +192,7 @@ def run_train(
     x = {s: to_model_input(split.images, device) for s, split in data.splits.items()}
     y = {s: split.labels.to(device) for s, split in data.splits.items()}
     t_data = time.perf_counter()
-    writer = tracking.WriterProcess()  # its start-up overlaps the rest of ours
+    writer = tracking.writer_process()  # a new one's start-up overlaps the rest of ours
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.channels, data.image_size).to(device)

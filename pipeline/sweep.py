@@ -78,7 +78,10 @@ def run_sweep(
 
         opened = open_studies_storage(exp, storage)
     lock = sweep_lock_path(default_lock_dir(), exp.name, exp.digest, tracking.tracking_uri())
-    with exclusive(lock, f"another sweep of {exp.path.name} (experiment {exp.name!r})"):
+    with (
+        exclusive(lock, f"another sweep of {exp.path.name} (experiment {exp.name!r})"),
+        tracking.keep_writers(),  # trials run here run one after another: one metric writer
+    ):
         experiment_id = tracking.ensure_experiment(exp.name)
         if exp.search is not None:
             from pipeline.search.run import run_search

@@ -1,6 +1,7 @@
 """`--workers N`: N long-lived `pipeline serve` processes that run trial after trial.
 
-Each imports torch and MLflow once and gets `cpus / N` torch threads; the sweep hands it
+Each imports torch and MLflow once, keeps one metric writer process for all its runs
+(`tracking.keep_writers`) and gets `cpus / N` torch threads; the sweep hands it
 tasks as JSON lines on its stdin and reads one JSON result line per task from a pipe of its
 own (the worker's stdout and stderr go to its log, attached to the parent run as
 `trial_logs/worker-<i>.log`). A task is a grid trial or a final run ("train": one run) or a
@@ -158,18 +159,20 @@ def serve(sweep_pid: int) -> None:
     """The `pipeline serve` process: run the tasks read from stdin, one result line each."""
     out = os.fdopen(int(os.environ[RESULT_FD_ENV]), "w", buffering=1)
     signals.die_with_parent(sweep_pid)
-    for line in sys.stdin:
-        task = json.loads(line)
-        t0 = time.perf_counter()
-        if task["kind"] == "train":
-            result = _train(task)
-        elif task["kind"] == "search":
-            result = _search(task)
-        else:
-            raise PipelineError(f"unknown task kind {task['kind']!r}")
-        result |= {"n": task["n"], "seconds": time.perf_counter() - t0}
-        out.write(json.dumps(result) + "\n")
-        sys.stdout.flush()
+    # One metric writer process for trial after trial, not one started per trial.
+    with tracking.keep_writers():
+        for line in sys.stdin:
+            task = json.loads(line)
+            t0 = time.perf_counter()
+            if task["kind"] == "train":
+                result = _train(task)
+            elif task["kind"] == "search":
+                result = _search(task)
+            else:
+                raise PipelineError(f"unknown task kind {task['kind']!r}")
+            result |= {"n": task["n"], "seconds": time.perf_counter() - t0}
+            out.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
 
 
 def _train(task: dict) -> dict:

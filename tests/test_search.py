@@ -22,6 +22,8 @@ from pipeline.sweep import run_sweep
 
 from .conftest import assert_one_line_error, run_cli, start_cli
 
+STEPS_PER_EPOCH = math.ceil(3600 / 128)  # the offline sample's train split, batch 128
+
 SEARCH = """
 experiment: {name}
 base: {{epochs: 2, log_every: 10}}
@@ -321,7 +323,7 @@ search:
     logs = {a.path for a in client.list_artifacts(parent.info.run_id, "trial_logs")}
     assert logs == {"trial_logs/worker-0.log", "trial_logs/worker-1.log"}
 
-    grid = _write(tmp_path, "experiment: grid\nbase: {epochs: 1, log_every: 10}\n"
+    grid = _write(tmp_path, "experiment: grid\nbase: {epochs: 1, log_every: 1}\n"
                   "grid: {optimizer: [adam, sgd, nadam]}\n", "grid.yaml")  # fmt: skip
     proc = run_cli("sweep", str(grid), "--workers", "2", cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -329,3 +331,11 @@ search:
     train = [r for r in _runs(client, "grid") if r.data.tags["pipeline.step"] == "train"]
     assert sorted(r.info.run_name.split("-")[0] for r in train) == ["adam", "nadam", "sgd"]
     assert {r.info.status for r in train} == {"FINISHED"}
+    # A worker writes trial after trial through one metric writer process: every point of
+    # every trial lands in that trial's run, once.
+    for run in train:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(1, STEPS_PER_EPOCH + 1))
+        val = client.get_metric_history(run.info.run_id, "val/accuracy")
+        assert [m.step for m in val] == [STEPS_PER_EPOCH]
+        assert "test/accuracy" in run.data.metrics

@@ -240,7 +240,7 @@ def run_worker(path: str, storage: str | None) -> int:
           f"{store.redact(url)}")  # fmt: skip
     task = {"file": path, "storage": url, "experiment_id": parent.info.experiment_id,
             "parent_run_id": parent.info.run_id, "data": data}  # fmt: skip
-    with signals.stop_signals_raise():
+    with signals.stop_signals_raise(), tracking.keep_writers():  # one writer, trial after trial
         ran = join(task, offset=os.getpid())
     print(f"worker: ran {ran} trials; no trial left waiting")
     return ran

@@ -36,7 +36,7 @@ _EXPORTS = {
     ),
     "versions": ("code_version", "version_tags"),
     "connection": ("open_store", "open_store_in_background", "tracking_uri"),
-    "writer": ("MetricWriter", "MlflowTracker", "WriterProcess"),
+    "writer": ("MetricWriter", "MlflowTracker", "WriterProcess", "keep_writers", "writer_process"),
     "runs": (
         "Run", "adoption_problem", "generated_name", "log_metrics", "log_params",
         "mark_not_started", "set_tags", "start_run",

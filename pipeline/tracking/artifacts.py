@@ -259,16 +259,30 @@ def log_model(
             metadata=_model_metadata(example, classes),
         )
         logged = dict(step=step, params=None if params is None else _strings(params))
+        # MLflow checks that the input example serves by loading the saved model back and
+        # predicting (~0.5 s, mostly comparing each pinned requirement with the installed
+        # one). The answer depends on the architecture and the example's shape, not on the
+        # weights: checked once per process, not for each trial of a sweep's worker.
+        served = f"{model}{example.shape}"
+        check = dict(validate_serving_input=served not in _served)
         if registered_model_name is not None:  # registering needs the server now: never kept
-            return mlflow.pytorch.log_model(
-                model, name="model", registered_model_name=registered_model_name, **kwargs, **logged
+            info = mlflow.pytorch.log_model(
+                model, name="model", registered_model_name=registered_model_name, **kwargs,
+                **logged, **check,
+            )  # fmt: skip
+        else:
+            info = spool.keep_model(
+                lambda: mlflow.pytorch.log_model(model, name="model", **kwargs, **logged, **check),
+                lambda path: mlflow.pytorch.save_model(model, path, **kwargs),
+                "model",
+                **logged,
             )
-        return spool.keep_model(
-            lambda: mlflow.pytorch.log_model(model, name="model", **kwargs, **logged),
-            lambda path: mlflow.pytorch.save_model(model, path, **kwargs),
-            "model",
-            **logged,
-        )
+        if not isinstance(info, spool.KeptModel):  # kept for later: nothing was checked
+            _served.add(served)
+        return info
+
+
+_served: set[str] = set()  # models (module tree, example shape) whose example was served here
 
 
 def _model_metadata(example, classes: list[str] | None) -> dict[str, object]:

@@ -32,7 +32,7 @@ from pipeline.tracking.tags import (
     STOPPED_BY_TAG,
 )
 from pipeline.tracking.versions import version_tags
-from pipeline.tracking.writer import MetricWriter, MlflowTracker, WriterProcess
+from pipeline.tracking.writer import MetricWriter, MlflowTracker, WriterProcess, release
 
 SYSTEM_METRICS_INTERVAL_S = 5  # MLflow's default of 10 s leaves short runs with no samples
 
@@ -56,14 +56,17 @@ class Run:
     def flush(self, wait_s: float = 0.0) -> dict:
         """Wait until every queued point is written, or kept after `wait_s` s of an
         unreachable server; raises if any write failed. Returns the writer's report."""
-        if self.process is not None:  # started ahead but never used
-            self.process.finish()
-            self.process = None
         if self._writer is not None:
-            self._writer.close(wait_s)
+            self._writer.close(wait_s, end_process=False)  # ended by `end_writer`
             spool.note_report(self._writer.report)
             return self._writer.report
         return {}
+
+    def end_writer(self, finished: bool) -> None:
+        """End the writer process, or keep it for the next run (`writer.release`)."""
+        process = self._writer.process if self._writer is not None else self.process
+        self.process = None
+        release(process, finished=finished)
 
 
 @contextlib.contextmanager
@@ -257,6 +260,7 @@ def _end_run(run: Run, status: str) -> None:
                 status = "FAILED"
             raise
         finally:
+            run.end_writer(status == "FINISHED")
             if status != "FINISHED":
                 _mark_unfinished(run.run_id, run.experiment_id, status)
             spool.end_run(status, report, deadline)

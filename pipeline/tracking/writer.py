@@ -1,8 +1,9 @@
 """Per-step metrics, written by a helper process so the training loop only appends.
 
 The loop reports to `MlflowTracker`, which queues points for a helper process that writes
-them with `log_batch`. This module must not import torch: the helper process imports it,
-and only needs MLflow.
+them with `log_batch`. A process that runs one run after another (a sweep's worker) keeps
+that helper between runs (`keep_writers`). This module must not import torch: the helper
+process imports it, and only needs MLflow.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,8 +53,8 @@ READY = b"ready\n"
 class WriterProcess:
     """The helper process a `MetricWriter` writes through, started ahead of the run.
 
-    Starting it costs ~1.5 s (importing MLflow) on another core: a caller that knows a run
-    is coming starts it early, so that time overlaps its own data loading and imports.
+    Starting it costs ~1.5 s of CPU (importing MLflow) on another core: a caller that knows
+    a run is coming starts it early, so that time overlaps its own data loading and imports.
     """
 
     def __init__(self) -> None:
@@ -64,11 +66,24 @@ class WriterProcess:
             stdout=subprocess.PIPE,
             stderr=self.stderr,
         )
+        self._finished: dict | None = None
+
+    def end_run(self) -> dict:
+        """The report of the run it was writing, once its input for that run has ended with
+        ("close", seconds): as `finish` describes it. The process then waits for another run
+        (see `keep_writers`), unless a write failed or points were kept: then it exits."""
+        line = self.proc.stdout.readline()
+        if line.startswith(b"{"):
+            return json.loads(line)
+        return self.finish()  # it died: its status and stderr say why
 
     def finish(self) -> dict:
         """End of input; wait for the process to write the rest (or keep it, see
         `spool.PointQueue.close`). Returns its report: {"error": ...} if a write failed,
-        {"kept": N, "folder": ...} if N points were kept for a server that did not answer."""
+        {"kept": N, "folder": ...} if N points were kept for a server that did not answer.
+        Finishing again returns the same report."""
+        if self._finished is not None:
+            return self._finished
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
         code = self.proc.wait()
@@ -80,7 +95,58 @@ class WriterProcess:
         report = json.loads(out[-1]) if out and out[-1].startswith("{") else {}
         if code != 0 and "error" not in report:
             report["error"] = lines[-1] if lines else f"writer process exited with status {code}"
+        self._finished = report
         return report
+
+
+_keeping = False  # whether `release` keeps a writer process for the next run (keep_writers)
+_idle: WriterProcess | None = None  # kept by the last run, waiting for the next
+
+
+@contextlib.contextmanager
+def keep_writers() -> Iterator[None]:
+    """Within this block, a run that ends FINISHED leaves its writer process for the next
+    run of this process (`writer_process`), instead of ending it: a process that runs trial
+    after trial (a sweep's worker) pays the writer's start-up (~1.5 s of CPU) once.
+
+    Only after a FINISHED run whose every point was written: a run that did not finish may
+    be resumed, and its resume waits for that run's writer process to end
+    (`checkpointing.wait_for_old_writer`). The kept process ends with the block.
+    """
+    global _keeping
+    _keeping = True
+    try:
+        yield
+    finally:
+        _keeping = False
+        release(None, finished=False)
+
+
+def writer_process() -> WriterProcess:
+    """A writer process for this process's next run: the one the last run left (see
+    `keep_writers`), if it still runs, else a new one."""
+    global _idle
+    process, _idle = _idle, None
+    if process is not None and process.proc.poll() is None:
+        return process
+    if process is not None:
+        process.finish()  # it died between runs: reaped, and replaced
+    return WriterProcess()
+
+
+def release(process: WriterProcess | None, *, finished: bool) -> None:
+    """After a run has ended: keep its writer `process` for the next run (within
+    `keep_writers`, after a FINISHED run) or end it. Ends any writer kept before."""
+    global _idle
+    if _idle is not None and (process is not None or not _keeping):
+        _idle.finish()
+        _idle = None
+    if process is None:
+        return
+    if _keeping and finished and process.proc.poll() is None:
+        _idle = process
+    else:
+        process.finish()
 
 
 class MetricWriter:
@@ -95,13 +161,13 @@ class MetricWriter:
 
     def __init__(self, run_id: str, process: WriterProcess | None = None) -> None:
         self.run_id = run_id
-        self._process = process or WriterProcess()
+        self.process = process or WriterProcess()
         self._queue: queue.SimpleQueue[list[Point] | None] = queue.SimpleQueue()
         self._closed = False
         self._broken = False  # the process is gone: its report says why
         self._wait_s = 0.0
         self.report: dict = {}
-        proc = self._process.proc
+        proc = self.process.proc
         try:
             pickle.dump((mlflow.get_tracking_uri(), run_id), proc.stdin)
             proc.stdin.flush()
@@ -110,7 +176,7 @@ class MetricWriter:
             ready = b""
         if ready != READY:
             self._closed = True
-            error = self._process.finish().get("error", "the writer process did not start")
+            error = self.process.finish().get("error", "the writer process did not start")
             raise PipelineError(f"logging metrics to MLflow failed: {error}")
         self._thread = threading.Thread(target=self._feed, name="mlflow-metrics", daemon=True)
         self._thread.start()
@@ -123,7 +189,7 @@ class MetricWriter:
         self._queue.put(points)
 
     def _feed(self) -> None:
-        stdin = self._process.proc.stdin
+        stdin = self.process.proc.stdin
         try:
             while (item := self._queue.get()) is not None:
                 batch, done = self._drain(list(item))
@@ -149,9 +215,10 @@ class MetricWriter:
             batch.extend(item)
         return batch, False
 
-    def close(self, wait_s: float = 0.0) -> None:
+    def close(self, wait_s: float = 0.0, end_process: bool = True) -> None:
         """Write everything queued so far, then stop; raises if any write failed. Points a
         tracking server did not take within `wait_s` s are kept (`self.report["kept"]`).
+        `end_process=False` leaves `self.process` to the caller (see `release`).
 
         Closing again does nothing.
         """
@@ -161,7 +228,9 @@ class MetricWriter:
         self._wait_s = wait_s
         self._queue.put(None)
         self._thread.join()
-        self.report = self._process.finish()
+        self.report = self.process.end_run()
+        if end_process:
+            self.process.finish()
         if "error" in self.report:
             raise PipelineError(f"logging metrics to MLflow failed: {self.report['error']}")
 
@@ -169,8 +238,10 @@ class MetricWriter:
 def writer_main() -> None:
     """The helper process: open the run named on stdin, then log every pickled batch.
 
-    The last message is ("close", seconds): how long to wait for an unreachable server
-    before keeping what is left in the run's spool. The report goes to stdout as JSON.
+    The run's last message is ("close", seconds): how long to wait for an unreachable server
+    before keeping what is left in the run's spool. The report goes to stdout as JSON; then
+    the next run may follow on stdin (`keep_writers`). A run whose input ends without
+    "close" (its process died), a failed write or points kept end this process.
     """
     # Signals are for the parent, which ends this process by closing stdin: a Ctrl-C, a
     # SIGTERM or a closed terminal must not drop the points still in the pipe.
@@ -183,26 +254,30 @@ def writer_main() -> None:
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     stdin = sys.stdin.buffer
-    try:
-        tracking_uri, run_id = pickle.load(stdin)
-    except EOFError:
-        os._exit(0)  # started ahead, never used
-    points = spool.PointQueue(MlflowClient(tracking_uri), tracking_uri, run_id)
-    sys.stdout.buffer.write(READY)
-    sys.stdout.buffer.flush()
-    wait_s = spool.wait_seconds()  # input ends without ("close", s): the parent died
-    while points.fatal is None:
+    while True:
         try:
-            message = pickle.load(stdin)
-        except (EOFError, pickle.UnpicklingError):
+            tracking_uri, run_id = pickle.load(stdin)
+        except EOFError:
+            os._exit(0)  # started ahead and never used, or kept after its last run
+        points = spool.PointQueue(MlflowClient(tracking_uri), tracking_uri, run_id)
+        sys.stdout.buffer.write(READY)
+        sys.stdout.buffer.flush()
+        wait_s, closed = spool.wait_seconds(), False  # no ("close", s): the parent died
+        while points.fatal is None:
+            try:
+                message = pickle.load(stdin)
+            except (EOFError, pickle.UnpicklingError):
+                break
+            if isinstance(message, tuple):
+                wait_s, closed = message[1], True
+                break
+            points.put(message)
+        report = points.close(wait_s)
+        sys.stdout.buffer.write(json.dumps(report).encode() + b"\n")
+        sys.stdout.buffer.flush()
+        # A run's spool folder (points spilled or kept) holds this process's writer.lock.
+        if not closed or report != {"kept": 0} or points.spool.exists():
             break
-        if isinstance(message, tuple):
-            wait_s = message[1]
-            break
-        points.put(message)
-    report = points.close(wait_s)
-    sys.stdout.buffer.write(json.dumps(report).encode() + b"\n")
-    sys.stdout.buffer.flush()
     sys.stderr.flush()
     # Everything is committed or kept; the interpreter's teardown would only add ~1 s.
     os._exit(1 if "error" in report else 0)
