@@ -256,25 +256,26 @@ def test_search_prunes_records_diverged_and_reruns_the_best_with_seeds(tracking,
 def test_search_resumes_after_sigterm_without_rerunning_finished_trials(tracking, tmp_path):
     path = _write(tmp_path, """
 experiment: resumed
-base: {epochs: 2, log_every: 10}
+base: {epochs: 30, log_every: 10}
 search:
   sampler: random
   n_trials: 3
   space: {lr: {log_uniform: [1.0e-3, 1.0e-2]}}
 """)  # fmt: skip
     sweep = start_cli("sweep", path, cwd=tmp_path)
-    deadline, seen = time.time() + 180, []
-    while time.time() < deadline:
-        line = sweep.stdout.readline()
-        assert line or sweep.poll() is None, sweep.stderr.read()[-3000:]
-        seen.append(line)
-        if line.startswith("search: all-t1 "):  # the second trial has started
-            time.sleep(1.5)
-            break
+    client = MlflowClient()
+    deadline = time.time() + 300
+    # SIGTERM once the second trial has logged a training point: mid-loop, with ~860 of its
+    # 870 steps to go (a fixed sleep after its start raced a trial that had got faster).
+    while not client.get_experiment_by_name("resumed") or not any(
+        client.get_metric_history(r.info.run_id, "train/loss")
+        for r in _runs(client, "resumed") if r.info.run_name == "all-t1"
+    ):  # fmt: skip
+        assert sweep.poll() is None and time.time() < deadline, sweep.stderr.read()[-3000:]
+        time.sleep(0.2)
     sweep.send_signal(signal.SIGTERM)
     _, err = sweep.communicate(timeout=60)
     assert sweep.returncode == 143, err[-3000:]
-    client = MlflowClient()
     before = {r.info.run_name: r for r in _runs(client, "resumed")}
     assert before["all-t0"].data.tags["pipeline.trial_state"] == "complete"
     assert before["all-t1"].info.status == "KILLED"
