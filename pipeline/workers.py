@@ -1,9 +1,9 @@
 """`--workers N`: N long-lived `pipeline serve` processes that run trial after trial.
 
 Each imports torch and MLflow once, before its first task, keeps one metric writer process
-for all its runs (`tracking.keep_writers`) and gets `cpus / N` torch threads; the sweep hands it
-tasks as JSON lines on its stdin and reads one JSON result line per task from a pipe of its
-own (the worker's stdout and stderr go to its log, attached to the parent run as
+for all its runs (`tracking.keep_writers`) and gets `cpus / N` torch threads; the sweep
+hands it tasks as JSON lines on its stdin and reads one JSON result line per task from a
+pipe of its own (the worker's stdout and stderr go to its log, attached to the parent run as
 `trial_logs/worker-<i>.log`). A task is a grid trial or a final run ("train": one run) or a
 search ("search": take WAITING trials from the studies until none is left).
 
