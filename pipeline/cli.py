@@ -5,6 +5,7 @@ KILLED the runs whose process is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -208,6 +209,18 @@ def _launch(nproc_per_node: int, nnodes: int, node_rank: int | None, rdzv_endpoi
     return Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
 
 
+def _writer_ahead(launcher: bool = False) -> contextlib.AbstractContextManager:
+    """For a command that trains in this process: its metric writer process, started before
+    torch and MLflow are imported here. It imports MLflow and creates the store on the other
+    core meanwhile (`tracking.writer.keep_writers`); killed unused if the command fails
+    first. Not in a launcher (its ranks train) nor on ranks other than 0 (they log nothing)."""
+    if launcher or _other_rank():
+        return contextlib.nullcontext()
+    from pipeline.tracking.writer import keep_writers
+
+    return keep_writers(ahead=True)
+
+
 def _train_config(data: str, compile_: bool, **kwargs) -> TrainConfig:
     return TrainConfig(data=data, compile=compile_, **kwargs)
 
@@ -246,18 +259,19 @@ def prep(**kwargs) -> None:
 @click.option("--experiment-id", default=None, hidden=True)
 def train(data: str, compile_: bool, parent_run_id, experiment_id, **kwargs) -> None:
     """train: fit one model on prepared data and log everything to MLflow."""
-    from pipeline.steps import run_train
-
     launch = _launch(*(kwargs.pop(k) for k in LAUNCH_KEYS))
     checkpoints = _checkpoint_config(kwargs)
     cfg = _train_config(data, compile_, **kwargs)
-    if launch.needed:
-        from pipeline.launch import launch_train
+    with _writer_ahead(launch.needed):
+        from pipeline.steps import run_train
 
-        launch_train(cfg, launch, checkpoints=checkpoints)
-        return
-    run_train(cfg, experiment_id=experiment_id, parent_run_id=parent_run_id,
-              checkpoints=checkpoints)  # fmt: skip
+        if launch.needed:
+            from pipeline.launch import launch_train
+
+            launch_train(cfg, launch, checkpoints=checkpoints)
+            return
+        run_train(cfg, experiment_id=experiment_id, parent_run_id=parent_run_id,
+                  checkpoints=checkpoints)  # fmt: skip
 
 
 @cli.command(short_help="data_prep then train, as children of one run.")
@@ -267,12 +281,13 @@ def train(data: str, compile_: bool, parent_run_id, experiment_id, **kwargs) -> 
 @launch_options
 def main(compile_, **kwargs) -> None:
     """main: data_prep then train, as child runs of one parent run."""
-    from pipeline.steps import run_main
-
     launch = _launch(*(kwargs.pop(k) for k in LAUNCH_KEYS))
     checkpoints = _checkpoint_config(kwargs)
     prep_cfg = PrepConfig(**{k: kwargs.pop(k) for k in PREP_KEYS})
-    run_main(prep_cfg, _train_config("", compile_, **kwargs), checkpoints, launch)
+    with _writer_ahead(launch.needed):
+        from pipeline.steps import run_main
+
+        run_main(prep_cfg, _train_config("", compile_, **kwargs), checkpoints, launch)
 
 
 @cli.command(short_help="Train a challenger; promote it only if better.")
@@ -435,9 +450,10 @@ def compare(target: str, metric: str | None, direction: str | None, out: str | N
 @click.argument("spec")
 def trial(spec: str) -> None:
     """One sweep trial from a JSON spec; what `sweep --parallel` starts in each process."""
-    from pipeline.sweep import run_trial_spec
+    with _writer_ahead():
+        from pipeline.sweep import run_trial_spec
 
-    run_trial_spec(spec)
+        run_trial_spec(spec)
 
 
 @cli.command(short_help="Write what runs kept while the server was unreachable.")

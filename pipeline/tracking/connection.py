@@ -38,8 +38,9 @@ _opened: set[str] = set()  # tracking URIs this process has opened a store for
 _opening = threading.Lock()
 
 
-def open_store() -> None:
-    """Open (and, where it is new, create) the tracking store, once per process and URI.
+def open_store(uri: str | None = None) -> None:
+    """Open (and, where it is new, create) the tracking store at `uri` (default: this
+    process's tracking URI), once per process and URI.
 
     MLflow creates a sqlite store by running its schema migrations on first open, and
     several processes doing that at once crash each other (`duplicate column name`, `table
@@ -47,7 +48,8 @@ def open_store() -> None:
     store in each process holds an exclusive `flock` on the store's folder: the first
     process creates it, the others wait, then find it complete. MLflow caches the opened
     store per URI, so every later MLflow call of this process uses it without the lock.
-    The metric writer process opens the store only after its parent has.
+    A metric writer process started ahead of the run (`writer.keep_writers(ahead=True)`)
+    is asked to create it first, on its own core; this process then waits on the same lock.
 
     Raises PipelineError naming the URI (credentials hidden) and the cause when the store
     cannot be opened: a truncated or foreign file, a missing or unwritable folder, a server
@@ -55,17 +57,20 @@ def open_store() -> None:
     """
     from mlflow.tracking._tracking_service.utils import _get_store
 
-    uri = mlflow.get_tracking_uri()
+    from pipeline.tracking import writer
+
+    uri = uri or mlflow.get_tracking_uri()
     with _opening:
         if uri in _opened:
             return
+        writer.open_store_ahead(uri)
         try:
             if uri.lower().startswith("sqlite"):
                 # Its ~2 s of imports outside the lock: other processes wait only for the
                 # opening itself (~0.1 s on an existing store).
                 from mlflow.store.tracking import sqlalchemy_store  # noqa: F401
             with _creation_lock(uri):
-                _get_store()
+                _get_store(uri)
         except PipelineError:
             raise
         except Exception as exc:

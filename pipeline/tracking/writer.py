@@ -3,7 +3,8 @@
 The loop reports to `MlflowTracker`, which queues points for a helper process that writes
 them with `log_batch`. A process that runs one run after another (a sweep's worker) keeps
 that helper between runs (`keep_writers`). This module must not import torch: the helper
-process imports it, and only needs MLflow.
+process imports it, and only needs MLflow. MLflow itself is imported where it is used, so
+that a command can start the helper before its own imports (`keep_writers(ahead=True)`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import mlflow
-from mlflow.tracking import MlflowClient
 
 import pipeline
 from pipeline import signals
@@ -48,6 +46,8 @@ WRITER_CODE = (
 
 
 READY = b"ready\n"
+OPEN = "open-store"  # (OPEN, uri): create or open that store now, ahead of any run
+OPENED = b"opened\n"  # its answer, once done (opened or not)
 
 
 class WriterProcess:
@@ -67,6 +67,25 @@ class WriterProcess:
             stderr=self.stderr,
         )
         self._finished: dict | None = None
+        self.used = False  # given a run or a store to open: it must then end by itself
+
+    def open_store(self, uri: str) -> None:
+        """Have it create or open the tracking store at `uri`, on its own core, and wait
+        until it has: a fresh sqlite store's migrations (~1.5 s of CPU) then stay off this
+        process's GIL. Best effort: the caller opens the store itself afterwards
+        (`connection.open_store`), and meets any error there."""
+        self.used = True
+        with contextlib.suppress(OSError, ValueError):
+            pickle.dump((OPEN, uri), self.proc.stdin)
+            self.proc.stdin.flush()
+            self.proc.stdout.readline()  # OPENED, or b"" if it died
+
+    def discard(self) -> None:
+        """End it: killed if it was never used (it holds nothing yet, and may still be
+        importing MLflow, seconds a failed command would otherwise wait), else `finish`."""
+        if not self.used and self._finished is None:
+            self.proc.kill()
+        self.finish()
 
     def end_run(self) -> dict:
         """The report of the run it was writing, once its input for that run has ended with
@@ -108,7 +127,9 @@ def keep_writers(ahead: bool = False) -> Iterator[None]:
     """Within this block, a run that ends FINISHED leaves its writer process for the next
     run of this process (`writer_process`), instead of ending it: a process that runs trial
     after trial (a sweep's worker) pays the writer's start-up (~1.5 s of CPU) once.
-    `ahead`: start one now, for the first run.
+    `ahead`: start one now, for the first run, before this process's own imports (torch,
+    MLflow): its start-up, and the store's creation once `connection.open_store` asks for
+    it, then run on another core. If no run comes, it is killed unused.
 
     Only after a FINISHED run whose every point was written: a run that did not finish may
     be resumed, and its resume waits for that run's writer process to end
@@ -123,6 +144,13 @@ def keep_writers(ahead: bool = False) -> Iterator[None]:
     finally:
         _keeping = False
         release(None, finished=False)
+
+
+def open_store_ahead(uri: str) -> None:
+    """Have the writer process started ahead (`keep_writers(ahead=True)`) create or open
+    the store at `uri`, if there is one and it runs."""
+    if _idle is not None and _idle.proc.poll() is None:
+        _idle.open_store(uri)
 
 
 def writer_process() -> WriterProcess:
@@ -142,7 +170,7 @@ def release(process: WriterProcess | None, *, finished: bool) -> None:
     `keep_writers`, after a FINISHED run) or end it. Ends any writer kept before."""
     global _idle
     if _idle is not None and (process is not None or not _keeping):
-        _idle.finish()
+        _idle.discard()
         _idle = None
     if process is None:
         return
@@ -171,7 +199,10 @@ class MetricWriter:
         self._wait_s = 0.0
         self.report: dict = {}
         proc = self.process.proc
+        self.process.used = True
         try:
+            import mlflow
+
             pickle.dump((mlflow.get_tracking_uri(), run_id), proc.stdin)
             proc.stdin.flush()
             ready = proc.stdout.readline()  # once it has opened the store
@@ -255,13 +286,23 @@ def writer_main() -> None:
     # What opening a store imports, done while the parent is still busy: then the parent's
     # wait for READY is only the connection itself.
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.connection import open_store
 
     stdin = sys.stdin.buffer
     while True:
         try:
-            tracking_uri, run_id = pickle.load(stdin)
+            message = pickle.load(stdin)
         except EOFError:
             os._exit(0)  # started ahead and never used, or kept after its last run
+        if message[0] == OPEN:
+            with contextlib.suppress(Exception):  # the parent opens it too, and says why
+                open_store(message[1])
+            sys.stdout.buffer.write(OPENED)
+            sys.stdout.buffer.flush()
+            continue
+        tracking_uri, run_id = message
         points = spool.PointQueue(MlflowClient(tracking_uri), tracking_uri, run_id)
         sys.stdout.buffer.write(READY)
         sys.stdout.buffer.flush()
