@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -147,10 +152,52 @@ def test_bad_data_fails_in_one_line_and_leaves_no_run(tracking, tmp_path, sample
         assert proc.returncode == 1, proc.stderr
         assert_one_line_error(proc, needle)
         assert_one_line_error(proc, data)
+        # The metric writer process the command started ahead ended with it.
+        assert _processes_in(tmp_path) == [], data
+    # Refused before the store is opened: that writer process, still importing MLflow, too.
+    proc = run_cli("train", "--data", str(sample_file), "--optimizer", "nesterov",
+                   "--momentum", "0", cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(proc, "optimizer 'nesterov' needs momentum > 0")
+    assert _processes_in(tmp_path) == []
     proc = run_cli("prep", "--dataset", "cifar", cwd=tmp_path)
     assert proc.returncode == 2
     assert_one_line_error(proc, "'cifar' is not one of 'mnist-sample'")
     assert MlflowClient(tracking).search_runs(["0"]) == []
+
+
+def _processes_in(folder) -> list[int]:
+    """Pids of the processes other than this one whose working folder is `folder`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if (
+                entry.name.isdigit()
+                and entry.name != str(os.getpid())
+                and (Path(os.readlink(entry / "cwd")) == Path(folder))
+            ):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_fresh_store_is_created_by_the_writer_process_started_ahead(tmp_path, sample_file):
+    """`pipeline train` on a store that does not exist yet: its metric writer process,
+    started before torch is imported, runs MLflow's migrations (whose log lines it keeps to
+    itself), not the training process; the run is then FINISHED in that store."""
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    uri = f"sqlite:///{folder}/mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env |= {"MLFLOW_TRACKING_URI": uri, "PIPELINE_LOCK_DIR": str(tmp_path / "locks"),
+            "PIPELINE_SPOOL_DIR": str(tmp_path / "spool")}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--data", str(sample_file), "--epochs", "1"],
+        cwd=folder, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Creating initial MLflow database tables" not in proc.stderr, proc.stderr
+    (run,) = MlflowClient(uri).search_runs(["0"])
+    assert run.info.status == "FINISHED"
+    assert _processes_in(folder) == []
 
 
 def test_offline_torchvision_dataset_names_the_sample(tracking, tmp_path):
