@@ -412,6 +412,15 @@ def test_mlflow_run_train_on_two_ranks_adopts_its_run_and_ctrl_c_ends_it_killed(
     assert len(client.search_runs(["0"])) == 1
 
 
+def _uninterrupted(client, args, tmp_path) -> tuple[str, dict[str, list]]:
+    """Train `args` once without interruption: its run id and every logged series but
+    system/* and time/*, as (step, value) pairs, that an interrupted run must match."""
+    run_cli(*map(str, args), cwd=tmp_path, check=True)
+    (baseline,) = _runs(client)
+    keys = [k for k in baseline.data.metrics if not k.startswith(("system", "time"))]
+    return baseline.info.run_id, {k: _history(client, baseline.info.run_id, k) for k in keys}
+
+
 def _kill_env(kill_at: str) -> dict[str, str]:
     from pipeline.checkpointing import KILL_AT_ENV
 
@@ -430,16 +439,13 @@ def test_a_killed_two_rank_run_resumes_into_the_same_run_bit_identically(
 
     args = ["train", "--data", sample_file, "--model", "mlp", "--epochs", "1",
             "--checkpoint-every", "10", "--nproc-per-node", "2"]  # fmt: skip
-    run_cli(*map(str, args), cwd=tmp_path, check=True)
     client = MlflowClient(tracking)
-    (baseline,) = _runs(client)
-    keys = [k for k in baseline.data.metrics if not k.startswith(("system", "time"))]
-    expected = {k: _history(client, baseline.info.run_id, k) for k in keys}
+    baseline_id, expected = _uninterrupted(client, args, tmp_path)
 
     first = start_cli(*args, cwd=tmp_path, env=_kill_env("step:13@0"))
     _, err = first.communicate(timeout=300)
     assert first.returncode == 1 and "rank 0 (local rank 0" in err, err[-3000:]
-    (run,) = [r for r in _runs(client) if r.info.run_id != baseline.info.run_id]
+    (run,) = [r for r in _runs(client) if r.info.run_id != baseline_id]
     run_id = run.info.run_id
     assert run.info.status == "KILLED"  # the launcher ended it: rank 0 died by SIGKILL
 
@@ -458,7 +464,7 @@ def test_a_killed_two_rank_run_resumes_into_the_same_run_bit_identically(
     assert run.data.tags[tracking_resume.RESUMED_TAG] == "2"
     assert run.data.tags[tracking_resume.RESUMED_FROM_TAG] == "10,20"
     assert sorted(k for k in run.data.metrics if not k.startswith(("system", "time"))) == sorted(
-        keys
+        expected
     )
     for key, points in expected.items():
         assert _history(client, run_id, key) == points, key  # exact, and each step once
@@ -475,11 +481,8 @@ def test_sigkill_to_the_launcher_resumes_from_rank_0s_last_checkpoint(
     goes on from the last periodic one, with the uninterrupted run's numbers exactly."""
     args = ["train", "--data", sample_file, "--model", "mlp", "--epochs", "3",
             "--checkpoint-every", "10", "--nproc-per-node", "2"]  # fmt: skip
-    run_cli(*map(str, args), cwd=tmp_path, check=True)
     client = MlflowClient(tracking)
-    (baseline,) = _runs(client)
-    keys = [k for k in baseline.data.metrics if not k.startswith(("system", "time"))]
-    expected = {k: _history(client, baseline.info.run_id, k) for k in keys}
+    baseline_id, expected = _uninterrupted(client, args, tmp_path)
 
     launcher = start_cli(*args, cwd=tmp_path)
     folder, deadline = tmp_path / "checkpoints", time.monotonic() + 180
@@ -492,7 +495,7 @@ def test_sigkill_to_the_launcher_resumes_from_rank_0s_last_checkpoint(
     import psutil
 
     psutil.wait_procs([psutil.Process(p) for p in ranks.values() if psutil.pid_exists(p)], 120)
-    (run,) = [r for r in _runs(client) if r.info.run_id != baseline.info.run_id]
+    (run,) = [r for r in _runs(client) if r.info.run_id != baseline_id]
     run_id = run.info.run_id
     assert run.info.status == "KILLED", run.info.status
     assert run.data.tags["pipeline.stopped_by"] == "SIGTERM"
