@@ -120,6 +120,7 @@ class WriterProcess:
 
 _keeping = False  # whether `release` keeps a writer process for the next run (keep_writers)
 _idle: WriterProcess | None = None  # kept by the last run, waiting for the next
+_handed: WriterProcess | None = None  # given out by writer_process(), not yet released
 
 
 @contextlib.contextmanager
@@ -135,7 +136,7 @@ def keep_writers(ahead: bool = False) -> Iterator[None]:
     be resumed, and its resume waits for that run's writer process to end
     (`checkpointing.wait_for_old_writer`). The kept process ends with the block.
     """
-    global _keeping, _idle
+    global _keeping, _idle, _handed
     _keeping = True
     try:
         if ahead and _idle is None:
@@ -143,6 +144,9 @@ def keep_writers(ahead: bool = False) -> Iterator[None]:
         yield
     finally:
         _keeping = False
+        if _handed is not None:  # taken for a run that never began: an error or a signal first
+            _handed.discard()
+            _handed = None
         release(None, finished=False)
 
 
@@ -156,24 +160,27 @@ def open_store_ahead(uri: str) -> None:
 def writer_process() -> WriterProcess:
     """A writer process for this process's next run: the one the last run left (see
     `keep_writers`), if it still runs, else a new one."""
-    global _idle
+    global _idle, _handed
     process, _idle = _idle, None
-    if process is not None and process.proc.poll() is None:
-        return process
-    if process is not None:
-        process.finish()  # it died between runs: reaped, and replaced
-    return WriterProcess()
+    if process is None or process.proc.poll() is not None:
+        if process is not None:
+            process.finish()  # it died between runs: reaped, and replaced
+        process = WriterProcess()
+    _handed = process
+    return process
 
 
 def release(process: WriterProcess | None, *, finished: bool) -> None:
     """After a run has ended: keep its writer `process` for the next run (within
     `keep_writers`, after a FINISHED run) or end it. Ends any writer kept before."""
-    global _idle
+    global _idle, _handed
     if _idle is not None and (process is not None or not _keeping):
         _idle.discard()
         _idle = None
     if process is None:
         return
+    if process is _handed:
+        _handed = None
     if _keeping and finished and process.proc.poll() is None:
         _idle = process
     else:
