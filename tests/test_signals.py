@@ -76,6 +76,15 @@ def _gone(pid: int, timeout: float = 30) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
+def _describe(pid: int) -> str:
+    """A live process's pid, state and command line, for a failure message."""
+    try:
+        proc = psutil.Process(pid)
+        return f"{pid} {proc.status()} {' '.join(proc.cmdline())[:200]}"
+    except psutil.Error as exc:
+        return f"{pid} ({exc})"
+
+
 def _steps(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
@@ -384,7 +393,8 @@ def test_sigkill_of_a_sweep_stops_its_trials_and_the_resume_ends_orphans(trackin
     trials = [p.pid for p in psutil.Process(sweep.pid).children()]
     sweep.kill()
     sweep.communicate()
-    assert all(_gone(pid) for pid in trials), "trial processes outlived the SIGKILLed sweep"
+    left = [pid for pid in trials if not _gone(pid)]
+    assert not left, f"outlived the SIGKILLed sweep: {[_describe(pid) for pid in left]}"
     _wait(lambda: len(trial_runs("KILLED")) == 2, "trial runs KILLED", timeout=60)
 
     # In one process: SIGKILL leaves the trial's run RUNNING; the resumed sweep ends it KILLED.
