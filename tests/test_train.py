@@ -6,8 +6,6 @@ import contextlib
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -179,21 +177,19 @@ def _processes_in(folder) -> list[int]:
     return pids
 
 
-def test_a_fresh_store_is_created_by_the_writer_process_started_ahead(tmp_path, sample_file):
+def test_a_fresh_store_is_created_by_the_writer_process_started_ahead(
+    tmp_path, sample_file, monkeypatch
+):
     """`pipeline train` on a store that does not exist yet: its metric writer process,
     started before torch is imported, runs MLflow's migrations (whose log lines it keeps to
     itself), not the training process; the run is then FINISHED in that store."""
     folder = tmp_path / "fresh"
     folder.mkdir()
     uri = f"sqlite:///{folder}/mlflow.db"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    env |= {"MLFLOW_TRACKING_URI": uri, "PIPELINE_LOCK_DIR": str(tmp_path / "locks"),
-            "PIPELINE_SPOOL_DIR": str(tmp_path / "spool")}  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "--data", str(sample_file), "--epochs", "1"],
-        cwd=folder, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PIPELINE_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("PIPELINE_SPOOL_DIR", str(tmp_path / "spool"))
+    proc = run_cli("train", "--data", str(sample_file), "--epochs", "1", cwd=folder, check=True)
     assert "Creating initial MLflow database tables" not in proc.stderr, proc.stderr
     (run,) = MlflowClient(uri).search_runs(["0"])
     assert run.info.status == "FINISHED"
