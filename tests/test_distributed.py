@@ -320,7 +320,7 @@ def test_two_launchers_form_one_training_with_one_run(tracking, tmp_path, sample
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
-        start_cli("train", "--data", sample_file, "--epochs", "1", "--log-every", "1000",
+        start_cli("train", "--data", sample_file, "--epochs", "10", "--log-every", "1000",
                   "--nnodes", "2", "--node-rank", rank, "--rdzv-endpoint", endpoint,
                   cwd=tmp_path)
         for rank in (0, 1)
