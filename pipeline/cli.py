@@ -504,8 +504,9 @@ def entry() -> None:
     128 + its number, as a shell reports a process that signal killed: 130, 143, 129, 131.
     Output to a closed pipe (`pipeline train ... | head`) is dropped; the command goes on.
     """
-    from pipeline import signals, store
+    from pipeline import signals, startup, store
 
+    startup.postpone_full_collections()  # until the command's imports are done: see startup
     sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
     if "@" in store.uri():  # a URI with credentials: whatever this process prints, hide them
         sys.stdout, sys.stderr = (

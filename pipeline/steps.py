@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpointing, distributed, signals, tracking
+from pipeline import checkpointing, distributed, signals, startup, tracking
 from pipeline.checkpointing import CheckpointConfig
 from pipeline.config import (
     CHOICES,
@@ -271,6 +271,7 @@ def run_train(
         tracker = group.tracker(Fanout([session.tracker, console]), len(y["train"]),
                                 cfg.batch_size, session.last)  # fmt: skip
         start_step, es = state.step, state.early_stopping
+        startup.settle()  # a rank other than 0 opens no run of its own
         t_loop = time.perf_counter()
         diverged = None
         try:

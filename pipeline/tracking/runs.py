@@ -17,7 +17,7 @@ import mlflow
 from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
 from mlflow.tracking import MlflowClient
 
-from pipeline import signals, store
+from pipeline import signals, startup, store
 from pipeline.errors import PipelineError, first_line
 from pipeline.tracking import spool
 from pipeline.tracking.connection import open_store, tracking_uri
@@ -113,6 +113,7 @@ def start_run(
                     log_system_metrics=system_metrics,
                 )
                 run = Run(active.info.run_id, active.info.experiment_id, writer_process)
+            startup.settle()  # the command's imports are done by its first run
             name = {} if users_name else {"mlflow.runName": run_name}
             # process_tag: lets a later command tell that a RUNNING run's process is gone.
             set_tags(name | {STEP_TAG: step, **version_tags(), **process_tag()})
