@@ -41,6 +41,7 @@ Point = tuple[str, float, int, int]  # (key, value, timestamp ms, step): a Metri
 
 WRITER_CODE = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from pipeline import startup; startup.postpone_full_collections(); "
     "import pipeline.tracking.writer as w; w.writer_main()"
 )
 
@@ -295,8 +296,12 @@ def writer_main() -> None:
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     from mlflow.tracking import MlflowClient
 
+    from pipeline import startup
     from pipeline.tracking.connection import open_store
 
+    # MLflow's heap out of every later full collection: one walked it for ~120 ms of this
+    # process's CPU every ~50 batches, beside the training process (see pipeline.startup).
+    startup.settle()
     stdin = sys.stdin.buffer
     while True:
         try:
