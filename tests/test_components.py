@@ -111,6 +111,26 @@ def test_log_every_logs_every_nth_step(sample_file):
     assert [r.step for r in rec.rows] == list(range(5, 37, 5))
 
 
+def test_logged_loss_and_accuracy_are_each_steps_own(sample_file):
+    # Batches of 34 over 3600 samples: 106 steps, handed over 50, 50 and 6 at a time; the
+    # last step has 30 samples (its accuracy is over 30), in a buffer row used before.
+    data = load_prepared(sample_file)
+    x, y = to_model_input(data.splits["train"].images), data.splits["train"].labels
+    seen: list[tuple[float, float]] = []  # what each step's loss and accuracy really were
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(logits, labels)
+        hits = (logits.argmax(1) == labels).sum().item()
+        seen.append((loss.item(), hits / len(labels)))
+        return loss
+
+    state, rec = _state("adam"), Recorder()
+    train_epoch(state, x, y, loss_fn, rec, batch_size=34)
+    assert [r.step for r in rec.rows] == list(range(1, 107))
+    assert [(r.loss, r.accuracy) for r in rec.rows] == seen
+    assert len({r.accuracy for r in rec.rows}) > 10  # accuracies that moved, not one value
+
+
 def test_evaluation_confusion_matrix_counts_every_sample(sample_file):
     data = load_prepared(sample_file)
     x, y = to_model_input(data.splits["test"].images), data.splits["test"].labels
