@@ -204,8 +204,15 @@ def _read(path: Path) -> str | None:
 
 
 def _describe_failure(exc) -> str:
-    """'rank 1 (local rank 1, pid 123) was killed by SIGKILL; ...': the first rank to fail."""
-    rank, failure = exc.get_first_failure()
+    """'rank 1 (local rank 1, pid 123) was killed by SIGKILL; ...': the first rank to fail.
+
+    torchelastic times failures in whole seconds (`ProcessFailure.timestamp`) and its
+    `get_first_failure` breaks ties by the lowest rank. A rank killed by a signal and a peer
+    that exited because it went away fail within the same second: the killed one is named.
+    """
+    first = min(f.timestamp for f in exc.failures.values())
+    tied = sorted((r, f) for r, f in exc.failures.items() if f.timestamp == first)
+    rank, failure = next(((r, f) for r, f in tied if f.exitcode < 0), tied[0])
     if failure.exitcode < 0:
         how = f"was killed by {signals.name(-failure.exitcode)}"
     else:
