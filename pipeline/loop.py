@@ -241,13 +241,16 @@ class _Pending:
 
     Copied, not kept: keeping each step's tensors alive until the report made the memory
     allocator place every next step's tensors elsewhere (page faults, cold caches), ~3% of
-    a 1.4 ms step (mlp, one CPU thread); three copies into the same buffers cost ~2 us.
+    a 1.4 ms step (mlp, one CPU thread); three copies into the same buffers cost ~2.5 us.
     """
 
     def __init__(self, batch_size: int) -> None:
         self.width = batch_size  # a step's batch is at most this (a rank's part: less)
         self.steps: list[tuple[int, int, float, int, float]] = []  # (i, step, time, n, lr)
         self.loss = self.logits = self.labels = torch.empty(0)
+        # Each buffer's rows as views made once: a copy into one is half the time of an
+        # indexed assignment (~2.5 us against ~5 for the three).
+        self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -263,11 +266,17 @@ class _Pending:
             # -1 past a step's own samples: a class no prediction equals.
             self.labels = torch.full((SYNC_EVERY, self.width), -1, dtype=labels.dtype,
                                      device=device)  # fmt: skip
-        self.loss[j] = loss.detach()
-        self.logits[j, :n] = logits.detach()
-        self.labels[j, :n] = labels
-        if n < self.width:
-            self.labels[j, n:] = -1
+            rows = self.loss.unbind(), self.logits.unbind(), self.labels.unbind()
+            self._rows = list(zip(*rows, strict=True))
+        loss_row, logits_row, labels_row = self._rows[j]
+        loss_row.copy_(loss.detach())  # detached: no autograd history for the buffers
+        if n == self.width:
+            logits_row.copy_(logits.detach())
+            labels_row.copy_(labels)
+        else:
+            logits_row[:n].copy_(logits.detach())
+            labels_row[:n].copy_(labels)
+            labels_row[n:] = -1
         self.steps.append((i, step, t, n, lr))
 
     def read(self) -> tuple[list[float], list[int]]:
