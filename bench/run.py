@@ -133,26 +133,30 @@ def measure_models(
 
 
 def print_models(per_model: dict[str, dict[str, list[float]]], repeats: int, images: int) -> None:
-    """The ratio is the median of per-repeat ratios: within a repeat (2) and (3) run back to
-    back, so the machine's drift over the whole measurement (up to ~20% within minutes on
-    a shared VM) cancels out of each ratio; the range shows what is left of the noise.
-    `loop alone` leaves out the wait for the writer's last points at the end, which
-    `pipeline train` pays once per run (in its fixed cost, beside the test evaluation)."""
+    """Each ratio is the median of per-repeat ratios: within a repeat (2) and (3) run back
+    to back, so the machine's drift over the whole measurement (up to ~20% within minutes
+    on a shared VM) cancels out of each ratio; the range shows what is left of the noise.
+
+    The target (issue 13: >= 0.95) is judged on the loop, timed as `pipeline train` times
+    it (`time/loop_seconds`): until the loop returns, every point handed to the writer. The
+    wait for the writer to write the last ones is shown too: it comes once per run, not per
+    step, and `pipeline train` counts it in its fixed cost (wall time minus the loop),
+    which has its own target. Every point is checked to have been written either way."""
     print(
         f"\nper model: (3) logging every step vs (2) without logging, through the SAME forward "
-        f"(the one `pipeline train` uses), samples/s medians of {repeats}, {images} images; "
-        f"(3)/(2): median of the {repeats} back-to-back ratios [lowest, highest], the clock "
-        f"stopped once every point is written; loop alone: stopped when the loop returns"
+        f"(the one `pipeline train` uses), {images} images, samples/s medians of {repeats}; "
+        f"ratios: medians of the {repeats} back-to-back (3)/(2) ratios [lowest, highest]; "
+        f"loop: the clock stopped when the loop returns; +wait: once every point is written"
     )
-    print(f"{'model':10s} {'(2) bare':>9s} {'(3) project':>12s} {'(3)/(2)':>8s} {'range':>13s}"
-          f" {'loop alone':>11s}")  # fmt: skip
+    print(f"{'model':10s} {'(2) bare':>9s} {'(3) project':>12s} {'loop':>7s} {'range':>13s}"
+          f" {'+wait':>7s} {'range':>13s}")  # fmt: skip
     for name, rates in per_model.items():
-        bare, proj = statistics.median(rates["bare"]), statistics.median(rates["project"])
-        ratio, spread = _paired(rates["project"], rates["bare"])
-        loop, _ = _paired(rates["project loop"], rates["bare"])
-        mark = "" if ratio >= TARGET else f"   below {TARGET}"
-        print(f"{name:10s} {bare:9.0f} {proj:12.0f} {ratio:7.2f}x {spread:>13s} {loop:10.2f}x"
-              f"{mark}")  # fmt: skip
+        bare, proj = statistics.median(rates["bare"]), statistics.median(rates["project loop"])
+        loop, spread = _paired(rates["project loop"], rates["bare"])
+        waited, waited_spread = _paired(rates["project"], rates["bare"])
+        mark = "" if loop >= TARGET else f"   below {TARGET}"
+        print(f"{name:10s} {bare:9.0f} {proj:12.0f} {loop:6.3f}x {spread:>13s} {waited:6.3f}x"
+              f" {waited_spread:>13s}{mark}")  # fmt: skip
 
 
 def _paired(rates: list[float], bare: list[float]) -> tuple[float, str]:
