@@ -241,15 +241,16 @@ class _Pending:
 
     Copied, not kept: keeping each step's tensors alive until the report made the memory
     allocator place every next step's tensors elsewhere (page faults, cold caches), ~3% of
-    a 1.4 ms step (mlp, one CPU thread); three copies into the same buffers cost ~2.5 us.
+    a 1.4 ms step (mlp, one CPU thread). The three copies take ~2.5 us alone and ~20 us in
+    the loop, where the step's activations have evicted the buffers' rows: less, measured.
     """
 
     def __init__(self, batch_size: int) -> None:
         self.width = batch_size  # a step's batch is at most this (a rank's part: less)
         self.steps: list[tuple[int, int, float, int, float]] = []  # (i, step, time, n, lr)
         self.loss = self.logits = self.labels = torch.empty(0)
-        # Each buffer's rows as views made once: a copy into one is half the time of an
-        # indexed assignment (~2.5 us against ~5 for the three).
+        # Each buffer's rows as views made once: a copy into one takes half the time of an
+        # indexed assignment (alone, ~2.5 us against ~5 for the three).
         self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def __len__(self) -> int:
