@@ -207,12 +207,19 @@ def _describe_failure(exc) -> str:
     """'rank 1 (local rank 1, pid 123) was killed by SIGKILL; ...': the first rank to fail.
 
     torchelastic times failures in whole seconds (`ProcessFailure.timestamp`) and its
-    `get_first_failure` breaks ties by the lowest rank. A rank killed by a signal and a peer
-    that exited because it went away fail within the same second: the killed one is named.
+    `get_first_failure` breaks ties by the lowest rank. A rank killed by a signal, a peer
+    that exited because it went away and a peer stopped with SIGTERM fail within the same
+    second: among the failures of the first second, one killed by a signal other than
+    SIGTERM is named first, then one that exited with a status, then the lowest rank.
     """
     first = min(f.timestamp for f in exc.failures.values())
     tied = sorted((r, f) for r, f in exc.failures.items() if f.timestamp == first)
-    rank, failure = next(((r, f) for r, f in tied if f.exitcode < 0), tied[0])
+
+    def cause_first(item) -> int:
+        code = item[1].exitcode
+        return 0 if code < 0 and -code != signal.SIGTERM else 1 if code > 0 else 2
+
+    rank, failure = min(tied, key=cause_first)  # min keeps the lowest rank among equals
     if failure.exitcode < 0:
         how = f"was killed by {signals.name(-failure.exitcode)}"
     else:
