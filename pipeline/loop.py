@@ -186,16 +186,23 @@ def train_epoch(
     forward = state.forward or model
     model.train()
     batches = -(-len(x) // batch_size)
+    begin = None  # a new epoch: (its number, generator state before and after its draw)
     if 0 < state.batch < batches:  # resumed inside the epoch: its order again
         order = torch.randperm(len(x), generator=_generator_at(state.epoch_rng))
+        first = state.batch
     else:
-        state.epoch, state.batch = state.epoch + 1, 0
-        state.epoch_rng = state.generator.get_state()
-        order = torch.randperm(len(x), generator=state.generator)
+        # The new epoch counts from its first step on, committed with it: a stop signal
+        # before then leaves the state as the last epoch left it, generator included, so
+        # a resume does not take this epoch for done and skip it.
+        drawn = _generator_at(state.generator.get_state())
+        order = torch.randperm(len(x), generator=drawn)
+        begin, first = (state.epoch + 1, state.generator.get_state(), drawn.get_state()), 0
+        if batches == 0:
+            begin = _begin(state, begin)
     order = order.to(x.device)
     pending = _Pending(batch_size)
     try:
-        for i in range(state.batch, batches):
+        for i in range(first, batches):
             idx, weight = order[i * batch_size : (i + 1) * batch_size], 1.0
             if shard is not None:
                 idx, weight = shard(idx)
@@ -211,6 +218,8 @@ def train_epoch(
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
+                if begin is not None:
+                    begin = _begin(state, begin)
                 state.step += 1
                 state.batch = i + 1
                 if state.step % log_every == 0:
@@ -223,6 +232,13 @@ def train_epoch(
     finally:
         # Also on the way out of an interrupted epoch: every completed step is reported.
         _report(state, pending, tracker)
+
+
+def _begin(state: TrainState, begin: tuple[int, torch.Tensor, torch.Tensor]) -> None:
+    """Count the epoch `begin` describes as begun: its number, the generator's state it drew
+    its order from (`epoch_rng`), and the generator past that draw. Returns None."""
+    state.epoch, state.epoch_rng, state.batch = begin[0], begin[1], 0
+    state.generator.set_state(begin[2])
 
 
 def _generator_at(rng_state: torch.Tensor | None) -> torch.Generator:

@@ -131,6 +131,32 @@ def test_logged_loss_and_accuracy_are_each_steps_own(sample_file):
     assert len({r.accuracy for r in rec.rows}) > 10  # accuracies that moved, not one value
 
 
+def test_a_stop_before_an_epochs_first_step_leaves_the_last_epoch_done(sample_file):
+    # A stop signal in the new epoch's first forward: the state must still read "epoch 1
+    # done" (epoch 1, batch 0, generator as epoch 1 left it), or a resume skips epoch 2.
+    from pipeline import signals
+
+    data = load_prepared(sample_file)
+    x, y = to_model_input(data.splits["train"].images), data.splits["train"].labels
+    state = _state("adam")
+    train_epoch(state, x, y, build_loss("cross_entropy"), Recorder(), batch_size=128)
+    state.batch = 0  # validated: what run_train does at the epoch's end
+    epoch_rng, generator = state.epoch_rng.clone(), state.generator.get_state()
+
+    def stopped(logits, labels):
+        raise signals.Terminated()
+
+    with pytest.raises(signals.Terminated):
+        train_epoch(state, x, y, stopped, Recorder(), batch_size=128)
+    assert (state.epoch, state.batch, state.step) == (1, 0, 29)
+    assert torch.equal(state.epoch_rng, epoch_rng)
+    assert torch.equal(state.generator.get_state(), generator)
+    # Trained on, it is the epoch 2 that training without the stop would have been.
+    rec = Recorder()
+    train_epoch(state, x, y, build_loss("cross_entropy"), rec, batch_size=128)
+    assert (state.epoch, state.step) == (2, 58) and rec.rows[0].epoch == 2
+
+
 def test_evaluation_confusion_matrix_counts_every_sample(sample_file):
     data = load_prepared(sample_file)
     x, y = to_model_input(data.splits["test"].images), data.splits["test"].labels
