@@ -212,14 +212,14 @@ def _describe_failure(exc) -> str:
     second: among the failures of the first second, one killed by a signal other than
     SIGTERM is named first, then one that exited with a status, then the lowest rank.
     """
-    first = min(f.timestamp for f in exc.failures.values())
-    tied = sorted((r, f) for r, f in exc.failures.items() if f.timestamp == first)
 
-    def cause_first(item) -> int:
-        code = item[1].exitcode
-        return 0 if code < 0 and -code != signal.SIGTERM else 1 if code > 0 else 2
+    def cause_first(item) -> tuple[int, int, int]:
+        rank, failure = item
+        code = failure.exitcode
+        cause = 0 if code < 0 and -code != signal.SIGTERM else 1 if code > 0 else 2
+        return failure.timestamp, cause, rank
 
-    rank, failure = min(tied, key=cause_first)  # min keeps the lowest rank among equals
+    rank, failure = min(exc.failures.items(), key=cause_first)
     if failure.exitcode < 0:
         how = f"was killed by {signals.name(-failure.exitcode)}"
     else:

@@ -186,7 +186,7 @@ def train_epoch(
     forward = state.forward or model
     model.train()
     batches = -(-len(x) // batch_size)
-    begin = None  # a new epoch: (its number, generator state before and after its draw)
+    drawn = None  # a new epoch's generator, past the draw of its order, until it begins
     if 0 < state.batch < batches:  # resumed inside the epoch: its order again
         order = torch.randperm(len(x), generator=_generator_at(state.epoch_rng))
         first = state.batch
@@ -194,11 +194,13 @@ def train_epoch(
         # The new epoch counts from its first step on, committed with it: a stop signal
         # before then leaves the state as the last epoch left it, generator included, so
         # a resume does not take this epoch for done and skip it.
-        drawn = _generator_at(state.generator.get_state())
+        epoch_rng = state.generator.get_state()
+        drawn = _generator_at(epoch_rng)
         order = torch.randperm(len(x), generator=drawn)
-        begin, first = (state.epoch + 1, state.generator.get_state(), drawn.get_state()), 0
+        first = 0
         if batches == 0:
-            begin = _begin(state, begin)
+            _begin_epoch(state, epoch_rng, drawn)
+            drawn = None
     order = order.to(x.device)
     pending = _Pending(batch_size)
     try:
@@ -218,8 +220,9 @@ def train_epoch(
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                if begin is not None:
-                    begin = _begin(state, begin)
+                if drawn is not None:
+                    _begin_epoch(state, epoch_rng, drawn)
+                    drawn = None
                 state.step += 1
                 state.batch = i + 1
                 if state.step % log_every == 0:
@@ -234,11 +237,11 @@ def train_epoch(
         _report(state, pending, tracker)
 
 
-def _begin(state: TrainState, begin: tuple[int, torch.Tensor, torch.Tensor]) -> None:
-    """Count the epoch `begin` describes as begun: its number, the generator's state it drew
-    its order from (`epoch_rng`), and the generator past that draw. Returns None."""
-    state.epoch, state.epoch_rng, state.batch = begin[0], begin[1], 0
-    state.generator.set_state(begin[2])
+def _begin_epoch(state: TrainState, epoch_rng: torch.Tensor, drawn: torch.Generator) -> None:
+    """Count the next epoch as begun: it drew its order from a generator in state
+    `epoch_rng`; `drawn` is that generator after the draw."""
+    state.epoch, state.epoch_rng, state.batch = state.epoch + 1, epoch_rng, 0
+    state.generator.set_state(drawn.get_state())
 
 
 def _generator_at(rng_state: torch.Tensor | None) -> torch.Generator:
@@ -275,7 +278,7 @@ class _Pending:
     def add(self, i: int, step: int, t: float, loss: torch.Tensor, logits: torch.Tensor,
             labels: torch.Tensor, lr: float) -> None:  # fmt: skip
         j, n = len(self.steps), len(labels)
-        if j == 0 and self.logits.shape[2:] != logits.shape[1:]:
+        if not self._rows:  # the epoch's first logged step: its shapes and dtypes
             device = logits.device
             self.loss = torch.empty(SYNC_EVERY, dtype=loss.dtype, device=device)
             self.logits = torch.empty(SYNC_EVERY, self.width, *logits.shape[1:],

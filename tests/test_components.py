@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline import signals
 from pipeline.config import LOSSES, OPTIMIZERS
 from pipeline.data import load_prepared, to_model_input
 from pipeline.errors import PipelineError
@@ -134,8 +135,6 @@ def test_logged_loss_and_accuracy_are_each_steps_own(sample_file):
 def test_a_stop_before_an_epochs_first_step_leaves_the_last_epoch_done(sample_file):
     # A stop signal in the new epoch's first forward: the state must still read "epoch 1
     # done" (epoch 1, batch 0, generator as epoch 1 left it), or a resume skips epoch 2.
-    from pipeline import signals
-
     data = load_prepared(sample_file)
     x, y = to_model_input(data.splits["train"].images), data.splits["train"].labels
     state = _state("adam")
