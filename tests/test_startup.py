@@ -59,6 +59,7 @@ def test_train_imports_everything_before_any_full_collection(tracking, sample_fi
     assert _frozen_after_startup(proc.stderr) > 100_000
 
 
+@pytest.mark.slow
 def test_the_writer_process_freezes_mlflow_before_it_writes(tracking):
     # Its real code, told to open the test's store (objects made, young collections run)
     # and then given no run: it exits at the end of its input.
