@@ -203,6 +203,7 @@ def train_epoch(
             drawn = None
     order = order.to(x.device)
     pending = _Pending(batch_size)
+    autocast = _autocast(x.device, amp)  # made once, entered every step
     try:
         for i in range(first, batches):
             idx, weight = order[i * batch_size : (i + 1) * batch_size], 1.0
@@ -210,9 +211,10 @@ def train_epoch(
                 idx, weight = shard(idx)
             # index_select gathers the same rows as x[idx] at half the cost of advanced indexing.
             xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-            with _autocast(x.device, amp):
+            with autocast:
                 logits = forward(xb)
-                loss = loss_fn(logits.float(), yb)
+                # Under autocast the logits are bf16; the loss is taken in float32.
+                loss = loss_fn(logits.float() if amp else logits, yb)
             optimizer.zero_grad(set_to_none=True)
             (loss if weight == 1.0 else loss * weight).backward()
             lr = optimizer.param_groups[0]["lr"]  # the lr this step trains at
@@ -253,50 +255,50 @@ def _generator_at(rng_state: torch.Tensor | None) -> torch.Generator:
 
 
 class _Pending:
-    """The logged steps not handed to the tracker yet, at most `SYNC_EVERY`: their losses,
-    logits and labels copied into device buffers made at the epoch's first logged step,
-    read in one transfer by `_report`, which also computes the accuracies there, for all
-    of them at once, not with small ops per step.
+    """The logged steps not handed to the tracker yet, at most `SYNC_EVERY`: their logits
+    and labels copied into device buffers made at the epoch's first logged step, their
+    losses kept (detached, 0-dim). `_report` reads them in one transfer each, and computes
+    the accuracies there, for all of them at once, not with small ops per step.
 
-    Copied, not kept: keeping each step's tensors alive until the report made the memory
-    allocator place every next step's tensors elsewhere (page faults, cold caches), ~3% of
-    a 1.4 ms step (mlp, one CPU thread). The three copies take ~2.5 us alone and ~20 us in
-    the loop, where the step's activations have evicted the buffers' rows: less, measured.
+    Logits and labels are copied, not kept: keeping each step's tensors alive until the
+    report made the memory allocator place every next step's tensors elsewhere (page
+    faults, cold caches), ~3% of a 1.4 ms step (mlp, one CPU thread). A 0-dim loss kept
+    costs less than its copy (~9 us a step less with `.shape[0]` for `len()`, the autocast
+    context made once; seed_cnn, one thread, 50 paired epochs).
     """
 
     def __init__(self, batch_size: int) -> None:
         self.width = batch_size  # a step's batch is at most this (a rank's part: less)
         self.steps: list[tuple[int, int, float, int, float]] = []  # (i, step, time, n, lr)
-        self.loss = self.logits = self.labels = torch.empty(0)
+        self.losses: list[torch.Tensor] = []
+        self.logits = self.labels = torch.empty(0)
         # Each buffer's rows as views made once: a copy into one takes half the time of an
-        # indexed assignment (alone, ~2.5 us against ~5 for the three).
-        self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # indexed assignment.
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def add(self, i: int, step: int, t: float, loss: torch.Tensor, logits: torch.Tensor,
             labels: torch.Tensor, lr: float) -> None:  # fmt: skip
-        j, n = len(self.steps), len(labels)
+        j, n = len(self.steps), labels.shape[0]  # shape[0]: len() is Python code in torch
         if not self._rows:  # the epoch's first logged step: its shapes and dtypes
             device = logits.device
-            self.loss = torch.empty(SYNC_EVERY, dtype=loss.dtype, device=device)
             self.logits = torch.empty(SYNC_EVERY, self.width, *logits.shape[1:],
                                       dtype=logits.dtype, device=device)  # fmt: skip
             # -1 past a step's own samples: a class no prediction equals.
             self.labels = torch.full((SYNC_EVERY, self.width), -1, dtype=labels.dtype,
                                      device=device)  # fmt: skip
-            rows = self.loss.unbind(), self.logits.unbind(), self.labels.unbind()
-            self._rows = list(zip(*rows, strict=True))
-        loss_row, logits_row, labels_row = self._rows[j]
-        loss_row.copy_(loss.detach())  # detached: no autograd history for the buffers
+            self._rows = list(zip(self.logits.unbind(), self.labels.unbind(), strict=True))
+        logits_row, labels_row = self._rows[j]
         if n == self.width:
-            logits_row.copy_(logits.detach())
+            logits_row.copy_(logits.detach())  # detached: no autograd history for buffers
             labels_row.copy_(labels)
         else:
             logits_row[:n].copy_(logits.detach())
             labels_row[:n].copy_(labels)
             labels_row[n:] = -1
+        self.losses.append(loss.detach())
         self.steps.append((i, step, t, n, lr))
 
     def read(self) -> tuple[list[float], list[int]]:
@@ -305,7 +307,11 @@ class _Pending:
         # max's indices are argmax's (the first maximum) at 2/3 of its time on a CPU, where
         # the classes, the inner dimension, are too few for argmax's vectorised path.
         hits = (self.logits[:k].max(2).indices == self.labels[:k]).sum(1)
-        return self.loss[:k].tolist(), hits.tolist()
+        return torch.stack(self.losses).tolist(), hits.tolist()
+
+    def clear(self) -> None:
+        self.steps.clear()
+        self.losses.clear()
 
 
 def _report(state: TrainState, pending: _Pending, tracker: Tracker) -> None:
@@ -328,7 +334,7 @@ def _report(state: TrainState, pending: _Pending, tracker: Tracker) -> None:
     # points can never be deleted), even if a tracker raises; and no stop signal may come
     # between the two and drop them.
     with signals.held():
-        pending.steps.clear()
+        pending.clear()
         tracker.log_steps(rows)
     if not math.isfinite(rows[-1].loss):
         raise Diverged(rows[-1].step, rows[-1].loss)
