@@ -36,6 +36,7 @@ from pipeline.models import MODELS, training_forward  # noqa: E402
 
 TARGET = 0.95  # issue 13: logging every step keeps >= this fraction of the bare loop's speed
 
+VARIANTS = ("notebook", "bare", "project", "lightning")
 NAMES = {
     "notebook": "(1) notebook: transforms + DataLoader",
     "bare": "(2) bare PyTorch loop, no logging",
@@ -49,14 +50,21 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=costs.TRAIN_IMAGES, help="training images")
-    p.add_argument("--variants", default=",".join(NAMES), help="comma-separated subset")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {', '.join(VARIANTS)}")  # fmt: skip
     p.add_argument("--models", default=",".join(MODELS), help="zoo models for the per-model ratio")
+    # The per-model ratio has a target: 5 repeats left its median ~3% from one run to the next.
+    p.add_argument("--model-repeats", type=int, default=11, help="repeats of the per-model part")
     p.add_argument("--no-train-run", action="store_true", help="skip the `pipeline train` run")
     p.add_argument("--only-checkpoints", action="store_true",
                    help="only the checkpointing costs (per step, per checkpoint)")  # fmt: skip
     p.add_argument("--no-sweeps", action="store_true",
                    help="skip the per-trial overhead of sweeps (bench/sweeps.py)")  # fmt: skip
-    return p.parse_args()
+    args = p.parse_args()
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            p.error(f"unknown variant {name!r}; valid choices: {', '.join(VARIANTS)}")
+    return args
 
 
 def quiet(lightning: bool) -> None:
@@ -215,8 +223,8 @@ def main() -> None:
         rates = measure(calls, args.repeats)
         print(f"(timed repeats took {time.perf_counter() - started:.0f} s)")
         print_table(rates, args.repeats, len(x))
-        per_model = measure_models(args.models.split(","), x, y, tmp, args.repeats)
-        print_models(per_model, args.repeats, len(x))
+        per_model = measure_models(args.models.split(","), x, y, tmp, args.model_repeats)
+        print_models(per_model, args.model_repeats, len(x))
         ckpt = checkpoints.measure(args.models.split(","), x, y, args.repeats)
         checkpoints.report(ckpt, args.repeats, len(x))
         print_floor(rates)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import signals
+from pipeline import loop, signals
 from pipeline.config import LOSSES, OPTIMIZERS
 from pipeline.data import load_prepared, to_model_input
 from pipeline.errors import PipelineError
@@ -130,6 +130,36 @@ def test_logged_loss_and_accuracy_are_each_steps_own(sample_file):
     assert [r.step for r in rec.rows] == list(range(1, 107))
     assert [(r.loss, r.accuracy) for r in rec.rows] == seen
     assert len({r.accuracy for r in rec.rows}) > 10  # accuracies that moved, not one value
+
+
+def test_a_stop_inside_a_hand_over_leaves_its_rows_for_the_next_one():
+    # A stop signal between reading the pending steps and handing them over (here: while
+    # their rows are built) must leave every pending step and its loss in place: the
+    # train_epoch's final hand-over then reports them, once, with their own values.
+    pending = loop._Pending(batch_size=2)
+    labels = torch.tensor([0, 1])
+    for step, logits in ((1, [[1.0, 0.0], [1.0, 0.0]]), (2, [[1.0, 0.0], [0.0, 1.0]])):
+        pending.add(step - 1, step, 0.0, torch.tensor(step / 10), torch.tensor(logits),
+                    labels, 0.1)  # fmt: skip
+
+    class StoppedOnce:
+        stopped = False
+
+        @property
+        def epoch(self) -> int:
+            if not StoppedOnce.stopped:
+                StoppedOnce.stopped = True
+                raise signals.Terminated()
+            return 1
+
+    rec = Recorder()
+    with pytest.raises(signals.Terminated):
+        loop._report(StoppedOnce(), pending, rec)
+    loop._report(StoppedOnce(), pending, rec)
+    assert [(r.step, r.loss, r.accuracy) for r in rec.rows] == [
+        (1, pytest.approx(0.1), 0.5), (2, pytest.approx(0.2), 1.0)
+    ]  # fmt: skip
+    assert not pending
 
 
 def test_a_stop_before_an_epochs_first_step_leaves_the_last_epoch_done(sample_file):
