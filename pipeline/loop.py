@@ -262,9 +262,10 @@ class _Pending:
 
     Logits and labels are copied, not kept: keeping each step's tensors alive until the
     report made the memory allocator place every next step's tensors elsewhere (page
-    faults, cold caches), ~3% of a 1.4 ms step (mlp, one CPU thread). A 0-dim loss kept
-    costs less than its copy (~9 us a step less with `.shape[0]` for `len()`, the autocast
-    context made once; seed_cnn, one thread, 50 paired epochs).
+    faults, cold caches), ~3% of a 1.4 ms step (mlp, one CPU thread). The 0-dim loss is
+    kept instead: with `.shape[0]` for `len()` and the autocast context made once, that
+    took logging from ~39 to ~30 us a step (seed_cnn, one thread, 50 paired epochs; the
+    three were measured together, not one by one).
     """
 
     def __init__(self, batch_size: int) -> None:
