@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -198,3 +200,40 @@ def mlflow_server(tmp_path, monkeypatch) -> Iterator[str]:
         finally:
             while mlflow.active_run():
                 mlflow.end_run()
+
+
+# Debian's server binaries, else those on PATH (initdb, pg_ctl and createdb side by side).
+PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
+if PG_BIN is None and shutil.which("initdb") and shutil.which("createdb"):
+    PG_BIN = str(Path(shutil.which("initdb")).parent)
+
+
+def _as_postgres(*args: str) -> list[str]:
+    """Run as the `postgres` user when we are root (initdb refuses root), else as we are."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *args]
+    return list(args)
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server in a temporary folder on 127.0.0.1; yields its base URL."""
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # /tmp: the postgres user reaches it
+    folder.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run(_as_postgres(f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U",
+                                "postgres"), check=True, capture_output=True)  # fmt: skip
+    subprocess.run(_as_postgres(f"{PG_BIN}/pg_ctl", "-D", str(data), "-l", str(folder / "log"),
+                                "-w", "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start"),
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        for db in ("mlflow", "optuna"):
+            subprocess.run(_as_postgres(f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port),
+                                        "-U", "postgres", db), check=True)  # fmt: skip
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(_as_postgres(f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "fast", "stop"),
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
