@@ -129,14 +129,19 @@ def measure_models(
     """Per model, samples/s of (2) and (3) through the same forward, alternating."""
     out = {}
     for name in models:
+        cpu: list[float] = []
         calls = {
             "bare": lambda n=name: variants.bare(x, y, n, same_forward=True),
-            "project": lambda n=name: variants.project(x, y, variants.sqlite_store(tmp), n),
+            "project": lambda n=name, cpu=cpu: variants.project(
+                x, y, variants.sqlite_store(tmp), n, writer_cpu=cpu
+            ),
         }
         print(f"{name}: warm-up, then {repeats} repeats:")
         for call in calls.values():
             call()
+        cpu.clear()
         out[name] = measure(calls, repeats)
+        out[name]["writer us/step"] = cpu
     return out
 
 
@@ -154,17 +159,20 @@ def print_models(per_model: dict[str, dict[str, list[float]]], repeats: int, ima
         f"\nper model: (3) logging every step vs (2) without logging, through the SAME forward "
         f"(the one `pipeline train` uses), {images} images, samples/s medians of {repeats}; "
         f"ratios: medians of the {repeats} back-to-back (3)/(2) ratios [lowest, highest]; "
-        f"loop: the clock stopped when the loop returns; +wait: once every point is written"
+        f"loop: the clock stopped when the loop returns; +wait: once every point is written; "
+        f"writer: the writer process's CPU, us a step (median)"
     )
     print(f"{'model':10s} {'(2) bare':>9s} {'(3) project':>12s} {'loop':>7s} {'range':>13s}"
-          f" {'+wait':>7s} {'range':>13s}")  # fmt: skip
+          f" {'+wait':>7s} {'range':>13s} {'writer':>7s}")  # fmt: skip
     for name, rates in per_model.items():
         bare, proj = statistics.median(rates["bare"]), statistics.median(rates["project loop"])
         loop, spread = _paired(rates["project loop"], rates["bare"])
         waited, waited_spread = _paired(rates["project"], rates["bare"])
+        cpu = rates.get("writer us/step")
+        writer = f"{statistics.median(cpu):7.0f}" if cpu else f"{'-':>7s}"
         mark = "" if loop >= TARGET else f"   below {TARGET}"
         print(f"{name:10s} {bare:9.0f} {proj:12.0f} {loop:6.3f}x {spread:>13s} {waited:6.3f}x"
-              f" {waited_spread:>13s}{mark}")  # fmt: skip
+              f" {waited_spread:>13s} {writer}{mark}")  # fmt: skip
 
 
 def _paired(rates: list[float], bare: list[float]) -> tuple[float, str]:

@@ -7,6 +7,7 @@ run creation and other fixed costs are measured separately, per whole `pipeline 
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +73,11 @@ def bare(
 
 
 def project(
-    x: torch.Tensor, y: torch.Tensor, store: str, name: str = "seed_cnn"
+    x: torch.Tensor,
+    y: torch.Tensor,
+    store: str,
+    name: str = "seed_cnn",
+    writer_cpu: list[float] | None = None,
 ) -> tuple[int, float, float]:
     """(3) The project's own training step, logging loss/accuracy/lr on every step.
 
@@ -84,6 +89,9 @@ def project(
 
     Returns (samples, seconds, seconds of the loop alone): `pipeline train` waits for the
     last points only once per run, while it evaluates the test split (its fixed cost).
+    `writer_cpu`, where given (Linux only), gets the writer process's CPU time from the
+    clock's start to its stop, in us a step: what it takes from another core, or from this
+    one where the host has no other free.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -104,16 +112,30 @@ def project(
         # The writer process is up and has opened the run once `run.tracker` returns.
         console = ConsoleReporter(-(-len(x) // BATCH))
         tracker = Fanout([run.tracker, console])
+        writer = Path(f"/proc/{run.tracker.writer.process.proc.pid}/stat")
+        cpu_start = _cpu_seconds(writer)
         start = time.perf_counter()
         train_epoch(state, x, y, loss_fn, tracker, BATCH, log_every=1)
         loop_seconds = time.perf_counter() - start
         run.flush()  # wait for every point to be written
         seconds = time.perf_counter() - start
+        if writer_cpu is not None and cpu_start is not None:
+            writer_cpu.append((_cpu_seconds(writer) - cpu_start) / state.step * 1e6)
         console.close()
     points = len(MlflowClient().get_metric_history(run.run_id, "train/loss"))
     if points != state.step:
         raise AssertionError(f"project: {points} train/loss points for {state.step} steps")
     return len(x), seconds, loop_seconds
+
+
+def _cpu_seconds(stat: Path) -> float | None:
+    """User + system CPU seconds of the process whose /proc/<pid>/stat is `stat`; None
+    where there is no /proc (fields 14 and 15, in clock ticks: proc(5))."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def lightning(x: torch.Tensor, y: torch.Tensor, store: str) -> tuple[int, float]:

@@ -6,6 +6,7 @@ One module per job:
 - `versions`: library versions, environment and code digest of a run;
 - `connection`: opening the tracking store (creation serialised between processes);
 - `writer`: per-step metrics written by a helper process, so the loop only appends;
+- `points`: that process's write of metric points into a SQL store (as `log_batch` would);
 - `runs`: a run's life: opened or adopted, written to, always ended;
 - `processes`: which process owns a run, and ending runs whose process is gone;
 - `experiments`: experiments found, created, marked as model training;
