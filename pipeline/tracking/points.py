@@ -150,7 +150,7 @@ class _DirectWrite:
     def _update_latest(self, conn: sa.Connection, newest: dict[str, dict]) -> None:
         latest = SqlLatestMetric.__table__
         mine = latest.c.run_uuid == self.run_id
-        # Locked in key order, as MLflow locks them: two writers never wait on each other.
+        # Locked in key order, as MLflow locks them: two writers of a run cannot deadlock.
         query = sa.select(latest).where(mine, latest.c.key.in_(sorted(newest)))
         query = query.order_by(latest.c.key).with_for_update()
         known = {r.key: r._mapping for r in conn.execute(query)}
