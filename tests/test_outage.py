@@ -167,7 +167,7 @@ def test_the_end_of_a_run_waits_at_most_its_budget_for_a_silent_server(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # each request would hang 60 s
     queue = spool.PointQueue(MlflowClient(silent), silent, "a" * 32)
     queue.put(_points(1, 10))
-    time.sleep(0.5)  # the sender is now inside a request that will not be answered
+    time.sleep(spool.LINGER_S + 0.5)  # the sender is inside a request never answered
     t0 = time.monotonic()
     report = queue.close(3.0)
     waited = time.monotonic() - t0

@@ -6,6 +6,7 @@ lets no point wait past `LINGER_S`."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import pytest
@@ -126,3 +127,21 @@ def test_a_point_waits_for_others_at_most_linger_s(store):
         queue.put([("train/loss", 0.5, 1, step)])
     assert queue.close(0.0) == {"kept": 0}
     assert len(client.get_metric_history(run_id, "train/loss")) == 1 + spool.MAX_POINTS_PER_BATCH
+
+
+def test_points_of_a_run_with_an_active_model_are_linked_to_it_as_log_batch_links_them(
+    store, monkeypatch
+):
+    uri, client, run_id = store
+    model = client.create_logged_model(client.get_run(run_id).info.experiment_id)
+    monkeypatch.setenv("MLFLOW_ACTIVE_MODEL_ID", model.model_id)
+    # On a fresh thread, as the writer's sender thread: MLflow reads the variable into a
+    # thread-local the first time a thread asks.
+    write = threading.Thread(
+        target=lambda: points.point_writer(client, uri, run_id)([("train/loss", 0.5, 1, 1)])
+    )
+    write.start()
+    write.join()
+    assert [(m.key, m.value) for m in client.get_logged_model(model.model_id).metrics] == [
+        ("train/loss", 0.5)
+    ]

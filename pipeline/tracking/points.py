@@ -17,7 +17,9 @@ What is written is what `log_batch` writes for points without a model id:
 
 Everything else goes through `log_batch` itself, so its answers stay MLflow's own:
 
-- a store that is not a SQL store (a tracking server writes with its own store);
+- a store that is not MLflow's plain SQL store (a tracking server writes with its own
+  store; a workspace-aware or a plugin's SQL store may scope or write more);
+- an active model (`MLFLOW_ACTIVE_MODEL_ID`): `log_batch` links each point to it;
 - tables whose columns differ from the ones written here (another MLflow schema);
 - a key MLflow would refuse, a value that is not a number, a timestamp or a step that is
   not an int (or a negative timestamp);
@@ -59,9 +61,11 @@ def point_writer(client: MlflowClient, uri: str, run_id: str) -> Callable[[list[
     def log_batch(batch: list[Point]) -> None:
         client.log_batch(run_id, metrics=[Metric(*p) for p in batch])
 
+    from mlflow.tracking.fluent import get_active_model_id
+
     store = _sql_store(uri)
-    if store is None:
-        return log_batch
+    if store is None or get_active_model_id() is not None:
+        return log_batch  # log_batch also links each point to the active model
     direct = _DirectWrite(store, run_id)
 
     def write(batch: list[Point]) -> None:
@@ -78,7 +82,9 @@ def _sql_store(uri: str) -> SqlAlchemyStore | None:
 
     try:
         store = _get_store(uri)
-        if not isinstance(store, SqlAlchemyStore):
+        # Not a subclass: MLflow's workspace-aware store (MLFLOW_ENABLE_WORKSPACES) scopes
+        # runs to a workspace, and a plugin's store may write other rows.
+        if type(store) is not SqlAlchemyStore:
             return None
         found = sa.inspect(store.engine)
         for table in (SqlMetric.__table__, SqlLatestMetric.__table__):

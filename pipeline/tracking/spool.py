@@ -555,6 +555,7 @@ class PointQueue:
             if self._empty():
                 if self._spill is not None:
                     self._spill.remove()
+                    self._spill = None  # the sender, woken, must not read the closed file
                 return {"kept": 0}
             batches = [self._head] if self._head is not None else []
             if self._spill is not None:

@@ -1,10 +1,11 @@
 """Per-step metrics, written by a helper process so the training loop only appends.
 
 The loop reports to `MlflowTracker`, which queues points for a helper process that writes
-them (`spool.PointQueue`, through `points.point_writer`). A process that runs one run after another (a sweep's worker) keeps
-that helper between runs (`keep_writers`). This module must not import torch: the helper
-process imports it, and only needs MLflow. MLflow itself is imported where it is used, so
-that a command can start the helper before its own imports (`keep_writers(ahead=True)`).
+them (`spool.PointQueue`, through `points.point_writer`). A process that runs one run after
+another (a sweep's worker) keeps that helper between runs (`keep_writers`). This module
+must not import torch: the helper process imports it, and only needs MLflow. MLflow itself
+is imported where it is used, so that a command can start the helper before its own
+imports (`keep_writers(ahead=True)`).
 """
 
 from __future__ import annotations
