@@ -43,9 +43,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.fluent import get_active_model_id
 from mlflow.utils.validation import _validate_metric
 
-Point = tuple[str, float, int, int]  # (key, value, timestamp ms, step)
+from pipeline.tracking.spool import Point
 
 COLUMNS = {"key", "value", "timestamp", "step", "is_nan", "run_uuid"}  # of both tables
 
@@ -60,8 +61,6 @@ def point_writer(client: MlflowClient, uri: str, run_id: str) -> Callable[[list[
 
     def log_batch(batch: list[Point]) -> None:
         client.log_batch(run_id, metrics=[Metric(*p) for p in batch])
-
-    from mlflow.tracking.fluent import get_active_model_id
 
     store = _sql_store(uri)
     if store is None or get_active_model_id() is not None:
@@ -124,7 +123,7 @@ class _DirectWrite:
                    "is_nan": is_nan, "run_uuid": self.run_id}  # fmt: skip
             rows.append(row)
             last = newest.get(key)
-            if last is None or (step, timestamp, value) > _order(last):
+            if last is None or _order(row) > _order(last):
                 newest[key] = row
         if not rows:
             return True

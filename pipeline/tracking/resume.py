@@ -28,6 +28,7 @@ from pipeline import tracking
 from pipeline.errors import PipelineError
 from pipeline.tracking.artifacts import _no_progress_bar
 from pipeline.tracking.connection import _client
+from pipeline.tracking.spool import Point
 
 HEARTBEAT_TAG = "pipeline.heartbeat"  # unix seconds, rewritten by the live process
 RESUMED_TAG = "pipeline.resumed"  # how many times the run was resumed
@@ -35,7 +36,6 @@ RESUMED_FROM_TAG = "pipeline.resumed_from_steps"  # the global step of each resu
 HEARTBEAT_S = 30.0
 STALE_S = 150.0  # five missed heartbeats: the process is gone (or cut off for minutes)
 ARTIFACT_DIR = "checkpoints"
-Point = tuple[str, float, int, int]
 
 
 def active_experiment_id() -> str:

@@ -29,15 +29,10 @@ import pipeline
 from pipeline import signals
 from pipeline.errors import PipelineError
 from pipeline.tracking import spool
+from pipeline.tracking.spool import Point
 
 if TYPE_CHECKING:
     from pipeline.loop import StepLog
-
-
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
-
-
-Point = tuple[str, float, int, int]  # (key, value, timestamp ms, step): a Metric, unbuilt
 
 
 WRITER_CODE = (
@@ -248,7 +243,7 @@ class MetricWriter:
 
     def _drain(self, batch: list[Point]) -> tuple[list[Point], bool]:
         """Add whatever else is queued already; True once the end marker was taken."""
-        while len(batch) < MAX_METRICS_PER_BATCH:
+        while len(batch) < spool.MAX_POINTS_PER_BATCH:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
