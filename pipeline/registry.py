@@ -7,6 +7,7 @@ is read back from those tags.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import mlflow
@@ -79,12 +80,18 @@ def versions(name: str) -> list[Version]:
 
 def load_model(name: str, version: str):
     """The native PyTorch module of one version (pt2 models load as an exported graph)."""
-    return mlflow.pytorch.load_model(f"models:/{name}/{version}")
+    return load_logged_model(f"models:/{name}/{version}")
 
 
 def load_logged_model(model_uri: str):
-    """The native PyTorch module of a logged model (e.g. models:/m-... from training)."""
-    return mlflow.pytorch.load_model(model_uri)
+    """The native PyTorch module of a logged model (e.g. models:/m-... from training).
+
+    Downloaded into a folder removed once loaded: without `dst_path`, MLflow downloads into
+    a new temporary folder it never removes, and a scheduled retrain (two loads a run)
+    would leave two copies of the model in /tmp at every run.
+    """
+    with tempfile.TemporaryDirectory(prefix="pipeline-model-") as folder:
+        return mlflow.pytorch.load_model(model_uri, dst_path=folder)
 
 
 def register(name: str, model_uri: str, tags: dict[str, str]) -> Version:

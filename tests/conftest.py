@@ -52,6 +52,17 @@ def _stop_signal_handlers():
 
 
 @pytest.fixture
+def no_temp_left(tmp_path, monkeypatch) -> Path:
+    """A temporary folder of its own for this process and its children; the test checks that
+    nothing of ours is left in it (torch keeps its compile cache there)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
+@pytest.fixture
 def tracking(tmp_path, monkeypatch, store_template) -> str:
     """A fresh sqlite tracking store in a temporary folder, used by this process and children.
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -25,17 +24,6 @@ from .conftest import run_cli
 
 COMPARE_FILES = ("table.csv", "table.md", "loss_curves.png", "val_accuracy.png",
                  "metric_by_optimizer_loss.png")  # fmt: skip
-
-
-@pytest.fixture
-def no_temp_left(tmp_path, monkeypatch) -> Path:
-    """A temporary folder of its own for this process and its children; the test checks that
-    nothing of ours is left in it (torch keeps its compile cache there)."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    monkeypatch.setenv("TMPDIR", str(folder))
-    return folder
 
 
 def _left(folder: Path) -> list[str]:

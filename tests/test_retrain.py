@@ -162,7 +162,7 @@ def test_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path):
 
 
 @pytest.mark.slow
-def test_promote_keep_promote_over_http_registry(mlflow_server, tmp_path):
+def test_promote_keep_promote_over_http_registry(mlflow_server, tmp_path, no_temp_left):
     first = _retrain(tmp_path, FIRST)
     assert (first.decision, first.version, first.champion) == ("promote", "1", None)
     worse = _retrain(tmp_path, WORSE)
@@ -171,6 +171,9 @@ def test_promote_keep_promote_over_http_registry(mlflow_server, tmp_path):
     better = _retrain(tmp_path, BETTER)
     assert (better.decision, better.version, _champion_version()) == ("promote", "3", "3")
     assert better.challenger >= better.champion + 0.002
+    # Loading the champion and the challenger left nothing (torch's compile cache is reused).
+    left = [p.name for p in no_temp_left.iterdir() if not p.name.startswith("torchinductor_")]
+    assert not left, "a retrain left temporary folders behind"
 
     # Both models were scored in the retrain run itself, on the data version it logged.
     client = MlflowClient()
